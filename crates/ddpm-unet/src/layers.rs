@@ -1,0 +1,169 @@
+//! Small building blocks shared by both U-Nets: the forward mode, seeded dropout, attention.
+
+use candle_core::{D, Module, Tensor};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Whether a forward pass trains or infers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Inference: BatchNorm uses its running statistics, dropout is off.
+    Eval,
+    /// Training: BatchNorm normalises with batch statistics and updates its running ones, dropout
+    /// is on. Dropout masks derive from `seed` and each layer's weight path, so a step with the
+    /// same seed drops the same units on every run and thread count (pass a seed that changes
+    /// every step, e.g. derived from the run seed and the step number).
+    Train {
+        /// The seed for this step's dropout masks.
+        seed: u64,
+    },
+}
+
+impl Mode {
+    /// True in [`Mode::Train`].
+    pub fn is_train(self) -> bool {
+        matches!(self, Mode::Train { .. })
+    }
+}
+
+/// Dropout whose masks come from a seeded generator rather than candle's unseedable one.
+#[derive(Debug, Clone)]
+pub(crate) struct Dropout {
+    p: f64,
+    id: u64,
+}
+
+impl Dropout {
+    /// Dropout with probability `p`; `path` (the layer's weight prefix) makes its masks distinct.
+    pub(crate) fn new(p: f64, path: &str) -> candle_core::Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            candle_core::bail!("dropout probability must be in [0, 1), got {p}");
+        }
+        // FNV-1a of the path: stable across runs and platforms.
+        let id = path.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
+        Ok(Self { p, id })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        let Mode::Train { seed } = mode else {
+            return Ok(x.clone());
+        };
+        if self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ self.id);
+        let keep = 1.0 - self.p;
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.random::<f64>() < keep {
+                    scale
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+/// diffusers' `Attention` as `UNet2DModel` uses it (`_from_deprecated_attn_block`): GroupNorm,
+/// multi-head self-attention over the `H * W` positions, output projection, residual, rescale.
+#[derive(Debug, Clone)]
+pub(crate) struct SpatialAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+    rescale_output_factor: f64,
+}
+
+impl SpatialAttention {
+    /// `heads` heads of `head_dim` over `channels`; weights at `group_norm`, `to_q`, `to_k`,
+    /// `to_v`, `to_out.0` (older checkpoints' names are mapped to these on load).
+    pub(crate) fn new(
+        channels: usize,
+        heads: usize,
+        head_dim: usize,
+        norm_groups: usize,
+        eps: f64,
+        rescale_output_factor: f64,
+        vb: VarBuilder<'_>,
+    ) -> candle_core::Result<Self> {
+        if heads == 0 {
+            candle_core::bail!(
+                "attention over {channels} channels with head dim {head_dim} has no heads"
+            );
+        }
+        let inner = heads * head_dim;
+        Ok(Self {
+            group_norm: group_norm(norm_groups, channels, eps, vb.pp("group_norm"))?,
+            to_q: candle_nn::linear(channels, inner, vb.pp("to_q"))?,
+            to_k: candle_nn::linear(channels, inner, vb.pp("to_k"))?,
+            to_v: candle_nn::linear(channels, inner, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, channels, vb.pp("to_out").pp("0"))?,
+            heads,
+            head_dim,
+            rescale_output_factor,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let n = h * w;
+        // [B, C, H, W] -> [B, HW, C]
+        let hs = self
+            .group_norm
+            .forward(x)?
+            .reshape((b, c, n))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, n, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.to_q.forward(&hs)?)?;
+        let k = split(self.to_k.forward(&hs)?)?;
+        let v = split(self.to_v.forward(&hs)?)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        // `softmax` (not `softmax_last_dim`, which records no gradient).
+        let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = attn
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.head_dim))?;
+        let out = self
+            .to_out
+            .forward(&out)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
+        let out = (out + x)?;
+        if self.rescale_output_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.rescale_output_factor
+        }
+    }
+}
+
+/// A GroupNorm whose group count divides the channels, or an error saying which does not.
+pub(crate) fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder<'_>,
+) -> candle_core::Result<GroupNorm> {
+    if groups == 0 || channels % groups != 0 {
+        candle_core::bail!("GroupNorm: {channels} channels do not split into {groups} groups");
+    }
+    candle_nn::group_norm(groups, channels, eps, vb)
+}

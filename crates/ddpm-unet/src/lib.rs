@@ -1,0 +1,272 @@
+//! Denoising U-Nets for diffusion models, on candle.
+//!
+//! Two architectures behind one interface, [`Unet`]:
+//!
+//! - [`SimpleUnet`], the seed tutorial's model (BatchNorm, ReLU, strided convolutions, a time MLP
+//!   added after each block's first conv), with the PyTorch `state_dict` names.
+//! - [`Unet2d`], a port of diffusers' `UNet2DModel`, built from its `config.json`. It loads the
+//!   checkpoints diffusers publishes (`google/ddpm-cifar10-32` and what `train_unconditional.py`
+//!   writes, older attention names included) and saves folders that
+//!   `UNet2DModel.from_pretrained` loads back with the same output.
+//!
+//! Both train (weights in a `VarMap`, BatchNorm and dropout in [`Mode::Train`]) and infer
+//! (weights from safetensors, [`Mode::Eval`]). Loading checks every tensor: a missing,
+//! misshaped or wrongly typed one is an error naming it and both shapes.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use ddpm_unet::{init_seeded, Mode, Unet, UnetConfig};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let device = Device::Cpu;
+//! let config = UnetConfig::preset("seed-tiny")?;
+//! let varmap = VarMap::new();
+//! let unet = Unet::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+//! init_seeded(&varmap, 0)?; // candle's own initialisation cannot be seeded
+//!
+//! let x = Tensor::zeros((2, 1, 16, 16), DType::F32, &device)?;
+//! let t = Tensor::new(&[10u32, 200], &device)?;
+//! let eps = unet.forward_t(&x, &t, Mode::Eval)?;
+//! assert_eq!(eps.dims(), &[2, 1, 16, 16]);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+mod layers;
+mod simple;
+mod unet2d;
+mod weights;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::{Map, Value};
+
+pub use layers::Mode;
+pub use simple::{SimpleUnet, SimpleUnetConfig};
+pub use unet2d::{DownBlockType, MidBlockType, Unet2d, Unet2dConfig, UpBlockType};
+pub use weights::{
+    build_checked, count_parameters, init_seeded, is_buffer, read_safetensors,
+    rename_legacy_attention, varmap_tensors, write_safetensors,
+};
+
+/// The diffusers version whose `UNet2DModel` this port was checked against.
+pub const DIFFUSERS_VERSION: &str = "0.42.1";
+
+/// The file name diffusers gives a model's weights.
+pub const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+
+/// Anything that predicts from a noisy batch `x_t` `[B, C, H, W]` and its timesteps `t` `[B]`:
+/// a U-Net, or a closure (for tests and custom models).
+pub trait Denoiser {
+    /// The prediction (noise, `x_0` or velocity, as the model was trained), shaped like `x_t`.
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+impl<F> Denoiser for F
+where
+    F: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+{
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        self(x_t, t)
+    }
+}
+
+/// Which U-Net, with its hyper-parameters. In JSON, the `_class_name` key tells them apart, as in
+/// a diffusers `config.json`: `UNet2DModel` or `SimpleUnet`.
+#[derive(Debug, Clone, PartialEq)]
+// Built once per model; boxing would only make matching clumsier.
+#[allow(clippy::large_enum_variant)]
+pub enum UnetConfig {
+    /// The seed's `SimpleUnet`.
+    Simple(SimpleUnetConfig),
+    /// diffusers' `UNet2DModel`.
+    Unet2d(Unet2dConfig),
+}
+
+/// The preset names [`UnetConfig::preset`] accepts.
+pub const PRESETS: [&str; 5] = ["seed", "seed-small", "seed-tiny", "ddpm-cifar10", "mnist"];
+
+impl UnetConfig {
+    /// A named preset:
+    /// - `seed`: the seed's `SimpleUnet`, 3x64x64 (62,438,883 parameters);
+    /// - `seed-small`: `SimpleUnet` with channels 32, 64, 128, 256 for 1-channel 32x32 digits;
+    /// - `seed-tiny`: `SimpleUnet` with channels 16, 32, 64 (for tests and examples);
+    /// - `ddpm-cifar10`: `google/ddpm-cifar10-32`'s `UNet2DModel` (35.7M parameters);
+    /// - `mnist`: a small `UNet2DModel` for 1-channel 32x32 digits.
+    pub fn preset(name: &str) -> candle_core::Result<Self> {
+        Ok(match name {
+            "seed" => Self::Simple(SimpleUnetConfig::seed()),
+            "seed-small" => Self::Simple(SimpleUnetConfig::seed_small()),
+            "seed-tiny" => Self::Simple(SimpleUnetConfig::with_channels(1, &[16, 32, 64])),
+            "ddpm-cifar10" => Self::Unet2d(Unet2dConfig::ddpm_cifar10()),
+            "mnist" => Self::Unet2d(Unet2dConfig::mnist()),
+            other => candle_core::bail!(
+                "unknown model preset {other:?} (known: {})",
+                PRESETS.join(", ")
+            ),
+        })
+    }
+
+    /// Parses a `config.json`: a diffusers `UNet2DModel` config, or ours for `SimpleUnet`.
+    /// Keys starting with `_` other than `_class_name` are metadata; any other unknown key is
+    /// an error naming it.
+    pub fn from_json(text: &str) -> candle_core::Result<Self> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| msg(format!("config.json: {e}")))?;
+        let Value::Object(mut map) = value else {
+            return Err(msg("config.json: expected a JSON object".into()));
+        };
+        let class = match map.get("_class_name") {
+            None => "UNet2DModel".to_string(),
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => {
+                return Err(msg(format!(
+                    "config.json: _class_name must be a string, got {other}"
+                )));
+            }
+        };
+        map.retain(|k, _| !k.starts_with('_'));
+        let parse_err = |e: serde_json::Error| msg(format!("{class} config.json: {e}"));
+        match class.as_str() {
+            "UNet2DModel" => Ok(Self::Unet2d(
+                serde_json::from_value(Value::Object(map)).map_err(parse_err)?,
+            )),
+            "SimpleUnet" => Ok(Self::Simple(
+                serde_json::from_value(Value::Object(map)).map_err(parse_err)?,
+            )),
+            other => Err(msg(format!(
+                "config.json: model class {other:?} is not supported (UNet2DModel or SimpleUnet)"
+            ))),
+        }
+    }
+
+    /// The `config.json` text: diffusers' layout for `UNet2DModel` (with `_class_name` and
+    /// `_diffusers_version`), the same shape for `SimpleUnet`.
+    pub fn to_json(&self) -> String {
+        let (class, body) = match self {
+            Self::Simple(c) => ("SimpleUnet", serde_json::to_value(c)),
+            Self::Unet2d(c) => ("UNet2DModel", serde_json::to_value(c)),
+        };
+        let Value::Object(body) = body.expect("configs serialize") else {
+            unreachable!("configs are structs")
+        };
+        let mut map = Map::new();
+        map.insert("_class_name".into(), class.into());
+        if matches!(self, Self::Unet2d(_)) {
+            map.insert("_diffusers_version".into(), DIFFUSERS_VERSION.into());
+        }
+        map.extend(body);
+        serde_json::to_string_pretty(&Value::Object(map)).expect("JSON values serialize")
+    }
+
+    /// Input channels.
+    pub fn in_channels(&self) -> usize {
+        match self {
+            Self::Simple(c) => c.image_channels,
+            Self::Unet2d(c) => c.in_channels,
+        }
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        match self {
+            Self::Simple(c) => c.out_dim,
+            Self::Unet2d(c) => c.out_channels,
+        }
+    }
+
+    /// Input height and width must be multiples of this.
+    pub fn downsampling_factor(&self) -> usize {
+        match self {
+            Self::Simple(c) => c.downsampling_factor(),
+            Self::Unet2d(c) => c.downsampling_factor(),
+        }
+    }
+}
+
+fn msg(s: String) -> candle_core::Error {
+    candle_core::Error::Msg(s)
+}
+
+/// A U-Net of either architecture.
+#[derive(Debug, Clone)]
+// One per model, never in a hot collection; boxing would only make matching clumsier.
+#[allow(clippy::large_enum_variant)]
+pub enum Unet {
+    /// The seed's `SimpleUnet`.
+    Simple(SimpleUnet),
+    /// diffusers' `UNet2DModel`.
+    Unet2d(Unet2d),
+}
+
+impl Unet {
+    /// Builds the model for `config`, its weights from `vb` (a `VarMap` to train, loaded
+    /// tensors to infer; see [`Unet::from_tensors`] for a checked load).
+    pub fn new(config: &UnetConfig, vb: VarBuilder<'_>) -> candle_core::Result<Self> {
+        Ok(match config {
+            UnetConfig::Simple(c) => Self::Simple(SimpleUnet::new(c, vb)?),
+            UnetConfig::Unet2d(c) => Self::Unet2d(Unet2d::new(c, vb)?),
+        })
+    }
+
+    /// Builds the model from named tensors, checking each (see [`build_checked`]).
+    pub fn from_tensors(
+        config: &UnetConfig,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        build_checked(tensors, device, |vb| Self::new(config, vb))
+    }
+
+    /// Loads a model folder: `config.json` and `diffusion_pytorch_model.safetensors` (a diffusers
+    /// `UNet2DModel` folder, or one written by [`save_pretrained`]).
+    pub fn from_pretrained(dir: &Path, device: &Device) -> candle_core::Result<(UnetConfig, Self)> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|e| msg(format!("reading {}: {e}", config_path.display())))?;
+        let config = UnetConfig::from_json(&text)
+            .map_err(|e| msg(format!("{}: {e}", config_path.display())))?;
+        let weights = dir.join(DIFFUSERS_WEIGHTS);
+        let tensors = read_safetensors(&weights, device)?;
+        let unet = Self::from_tensors(&config, tensors, device)
+            .map_err(|e| msg(format!("{}: {e}", weights.display())))?;
+        Ok((config, unet))
+    }
+
+    /// Predicts from `x` `[B, C, H, W]` and timesteps `t` `[B]`.
+    pub fn forward_t(&self, x: &Tensor, t: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Simple(m) => m.forward_t(x, t, mode),
+            Self::Unet2d(m) => m.forward_t(x, t, mode),
+        }
+    }
+}
+
+impl Denoiser for Unet {
+    /// Inference ([`Mode::Eval`]).
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_t(x_t, t, Mode::Eval)
+    }
+}
+
+/// Writes a model folder in diffusers' layout: `config.json` and
+/// `diffusion_pytorch_model.safetensors` (metadata `format: pt`). For a `UNet2DModel`,
+/// `UNet2DModel.from_pretrained(dir)` loads it. The folder is created if needed; the weights go
+/// through a temporary file renamed into place.
+pub fn save_pretrained(
+    config: &UnetConfig,
+    tensors: &HashMap<String, Tensor>,
+    dir: &Path,
+) -> candle_core::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| msg(format!("creating {}: {e}", dir.display())))?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors(tensors, Some(metadata), &dir.join(DIFFUSERS_WEIGHTS))?;
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, config.to_json() + "\n")
+        .map_err(|e| msg(format!("writing {}: {e}", config_path.display())))
+}

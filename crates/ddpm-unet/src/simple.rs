@@ -1,0 +1,261 @@
+//! The seed tutorial's `SimpleUnet`: BatchNorm, ReLU, strided convolutions, a time MLP.
+
+use candle_core::{Module, ModuleT, Tensor};
+use candle_nn::{
+    BatchNorm, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder,
+};
+use ddpm_embeddings::SeedTimeMlp;
+use serde::{Deserialize, Serialize};
+
+use crate::Mode;
+
+/// The seed's `SimpleUnet` hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimpleUnetConfig {
+    /// Channels of the input image (3 for RGB, 1 for digits).
+    pub image_channels: usize,
+    /// Channels after `conv0` and after each down block; one down block per adjacent pair.
+    pub down_channels: Vec<usize>,
+    /// Channels entering and leaving each up block; the reverse of `down_channels` in the seed.
+    pub up_channels: Vec<usize>,
+    /// Channels of the output (the predicted noise), normally `image_channels`.
+    pub out_dim: usize,
+    /// Width of the sinusoidal time embedding and its MLP.
+    pub time_emb_dim: usize,
+}
+
+impl SimpleUnetConfig {
+    /// The seed's model: 3 channels, 64..1024, time embedding 32 (62,438,883 parameters).
+    pub fn seed() -> Self {
+        Self::with_channels(3, &[64, 128, 256, 512, 1024])
+    }
+
+    /// A smaller seed model for digits: 1 channel, 32..256.
+    pub fn seed_small() -> Self {
+        Self::with_channels(1, &[32, 64, 128, 256])
+    }
+
+    /// The seed architecture with the given image channels and down channels (up mirrored).
+    pub fn with_channels(image_channels: usize, down_channels: &[usize]) -> Self {
+        Self {
+            image_channels,
+            down_channels: down_channels.to_vec(),
+            up_channels: down_channels.iter().rev().copied().collect(),
+            out_dim: image_channels,
+            time_emb_dim: 32,
+        }
+    }
+
+    /// Checks that the channel lists fit together.
+    pub fn validate(&self) -> candle_core::Result<()> {
+        let (d, u) = (&self.down_channels, &self.up_channels);
+        if d.len() < 2 {
+            candle_core::bail!("SimpleUnet needs at least two down_channels, got {d:?}");
+        }
+        if !u.iter().eq(d.iter().rev()) {
+            candle_core::bail!(
+                "SimpleUnet up_channels {u:?} must be down_channels {d:?} reversed (each up block \
+                 takes the skip of the down block it mirrors)"
+            );
+        }
+        if self.image_channels == 0 || self.out_dim == 0 || self.time_emb_dim < 4 {
+            candle_core::bail!(
+                "SimpleUnet needs image_channels, out_dim > 0 and time_emb_dim >= 4"
+            );
+        }
+        Ok(())
+    }
+
+    /// How many times the model halves the resolution: inputs must be divisible by `2^n`.
+    pub fn downsampling_factor(&self) -> usize {
+        1 << (self.down_channels.len() - 1)
+    }
+}
+
+/// One seed `Block`: conv3x3 -> ReLU -> BatchNorm, add ReLU(Linear(t)), conv3x3 -> ReLU ->
+/// BatchNorm, then a 4x4 stride-2 conv (down) or transposed conv (up).
+#[derive(Debug, Clone)]
+struct Block {
+    time_mlp: Linear,
+    conv1: Conv2d,
+    conv2: Conv2d,
+    bnorm1: BatchNorm,
+    bnorm2: BatchNorm,
+    transform: Transform,
+}
+
+#[derive(Debug, Clone)]
+enum Transform {
+    Down(Conv2d),
+    Up(ConvTranspose2d),
+}
+
+impl Block {
+    fn new(
+        in_ch: usize,
+        out_ch: usize,
+        time_emb_dim: usize,
+        up: bool,
+        vb: VarBuilder<'_>,
+    ) -> candle_core::Result<Self> {
+        let pad1 = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv1_in = if up { 2 * in_ch } else { in_ch };
+        let transform = if up {
+            let cfg = ConvTranspose2dConfig {
+                padding: 1,
+                stride: 2,
+                ..Default::default()
+            };
+            Transform::Up(candle_nn::conv_transpose2d(
+                out_ch,
+                out_ch,
+                4,
+                cfg,
+                vb.pp("transform"),
+            )?)
+        } else {
+            let cfg = Conv2dConfig {
+                padding: 1,
+                stride: 2,
+                ..Default::default()
+            };
+            Transform::Down(candle_nn::conv2d(
+                out_ch,
+                out_ch,
+                4,
+                cfg,
+                vb.pp("transform"),
+            )?)
+        };
+        Ok(Self {
+            time_mlp: candle_nn::linear(time_emb_dim, out_ch, vb.pp("time_mlp"))?,
+            conv1: candle_nn::conv2d(conv1_in, out_ch, 3, pad1, vb.pp("conv1"))?,
+            conv2: candle_nn::conv2d(out_ch, out_ch, 3, pad1, vb.pp("conv2"))?,
+            bnorm1: candle_nn::batch_norm(out_ch, 1e-5, vb.pp("bnorm1"))?,
+            bnorm2: candle_nn::batch_norm(out_ch, 1e-5, vb.pp("bnorm2"))?,
+            transform,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, t: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let h = self
+            .bnorm1
+            .forward_t(&self.conv1.forward(x)?.relu()?, train)?;
+        let time = self
+            .time_mlp
+            .forward(t)?
+            .relu()?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&time)?;
+        let h = self
+            .bnorm2
+            .forward_t(&self.conv2.forward(&h)?.relu()?, train)?;
+        match &self.transform {
+            Transform::Down(c) => c.forward(&h),
+            Transform::Up(c) => c.forward(&h),
+        }
+    }
+}
+
+/// The seed's `SimpleUnet`, with its PyTorch `state_dict` names (`conv0`, `downs.N.conv1`,
+/// `downs.N.bnorm1.running_mean`, `ups.N.transform`, `time_mlp.1`, `output`).
+#[derive(Debug, Clone)]
+pub struct SimpleUnet {
+    config: SimpleUnetConfig,
+    time_mlp: SeedTimeMlp,
+    conv0: Conv2d,
+    downs: Vec<Block>,
+    ups: Vec<Block>,
+    output: Conv2d,
+}
+
+impl SimpleUnet {
+    /// Builds the model, its weights from `vb`.
+    pub fn new(config: &SimpleUnetConfig, vb: VarBuilder<'_>) -> candle_core::Result<Self> {
+        config.validate()?;
+        let c = config;
+        let pad1 = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let downs = (0..c.down_channels.len() - 1)
+            .map(|i| {
+                Block::new(
+                    c.down_channels[i],
+                    c.down_channels[i + 1],
+                    c.time_emb_dim,
+                    false,
+                    vb.pp("downs").pp(i),
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let ups = (0..c.up_channels.len() - 1)
+            .map(|i| {
+                Block::new(
+                    c.up_channels[i],
+                    c.up_channels[i + 1],
+                    c.time_emb_dim,
+                    true,
+                    vb.pp("ups").pp(i),
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            config: config.clone(),
+            time_mlp: SeedTimeMlp::new(c.time_emb_dim, vb.pp("time_mlp"))?,
+            conv0: candle_nn::conv2d(
+                c.image_channels,
+                c.down_channels[0],
+                3,
+                pad1,
+                vb.pp("conv0"),
+            )?,
+            downs,
+            ups,
+            output: candle_nn::conv2d(
+                c.up_channels[c.up_channels.len() - 1],
+                c.out_dim,
+                1,
+                Default::default(),
+                vb.pp("output"),
+            )?,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SimpleUnetConfig {
+        &self.config
+    }
+
+    /// Predicts from `x` `[B, C, H, W]` and timesteps `t` `[B]`.
+    pub fn forward_t(&self, x: &Tensor, t: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        let (_, c, h, w) = x.dims4()?;
+        let f = self.config.downsampling_factor();
+        if c != self.config.image_channels || h % f != 0 || w % f != 0 {
+            candle_core::bail!(
+                "SimpleUnet expects [B, {}, H, W] with H and W divisible by {f}, got {:?}",
+                self.config.image_channels,
+                x.dims()
+            );
+        }
+        let train = mode.is_train();
+        let t = self.time_mlp.forward(t)?;
+        let mut x = self.conv0.forward(x)?;
+        let mut residuals = Vec::with_capacity(self.downs.len());
+        for down in &self.downs {
+            x = down.forward(&x, &t, train)?;
+            residuals.push(x.clone());
+        }
+        for up in &self.ups {
+            let skip = residuals.pop().expect("one residual per down block");
+            x = Tensor::cat(&[&x, &skip], 1)?;
+            x = up.forward(&x, &t, train)?;
+        }
+        self.output.forward(&x)
+    }
+}

@@ -1,0 +1,235 @@
+//! Loading weights with checks that name what is wrong, saving them, and seeded initialisation.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+/// Older diffusers checkpoints (e.g. `google/ddpm-cifar10-32`) name the attention projections
+/// `query`, `key`, `value`, `proj_attn`; current diffusers names them `to_q`, `to_k`, `to_v`,
+/// `to_out.0`. Renames the old names to the new, as diffusers does on load.
+pub fn rename_legacy_attention(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    const RENAMES: [(&str, &str); 4] = [
+        (".query.", ".to_q."),
+        (".key.", ".to_k."),
+        (".value.", ".to_v."),
+        (".proj_attn.", ".to_out.0."),
+    ];
+    tensors
+        .into_iter()
+        .map(|(name, t)| {
+            if !name.contains("attentions.") {
+                return (name, t);
+            }
+            let renamed = RENAMES
+                .iter()
+                .find(|(old, _)| name.contains(old))
+                .map(|(old, new)| name.replacen(old, new, 1));
+            (renamed.unwrap_or(name), t)
+        })
+        .collect()
+}
+
+/// A `VarBuilder` backend over loaded tensors that checks every request: a missing tensor, a
+/// shape that differs, or a dtype other than f32 is an error naming the tensor.
+struct Checked {
+    tensors: HashMap<String, Tensor>,
+    used: Arc<Mutex<HashSet<String>>>,
+}
+
+impl SimpleBackend for Checked {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "tensor {name} has shape {:?}, the model expects {:?}",
+                t.dims(),
+                s.dims()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("tensor {name} is missing from the checkpoint"))
+        })?;
+        if t.dtype() != dtype {
+            candle_core::bail!(
+                "tensor {name} has dtype {:?}, the model expects {dtype:?}",
+                t.dtype()
+            );
+        }
+        self.used
+            .lock()
+            .expect("not poisoned")
+            .insert(name.to_string());
+        t.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// Builds a model from named tensors, checking that every tensor the model asks for is there
+/// with the right shape and dtype (f32), and that the checkpoint holds nothing the model does
+/// not use (PyTorch's `num_batches_tracked` counters excepted). Legacy attention names are
+/// accepted ([`rename_legacy_attention`]).
+pub fn build_checked<M>(
+    tensors: HashMap<String, Tensor>,
+    device: &Device,
+    build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<M>,
+) -> candle_core::Result<M> {
+    let tensors = rename_legacy_attention(tensors);
+    let names: Vec<String> = tensors.keys().cloned().collect();
+    let used = Arc::new(Mutex::new(HashSet::new()));
+    let backend = Checked {
+        tensors,
+        used: used.clone(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
+    let model = build(vb)?;
+    let used = used.lock().expect("not poisoned");
+    let mut unexpected: Vec<&String> = names
+        .iter()
+        .filter(|n| !used.contains(*n) && !n.ends_with("num_batches_tracked"))
+        .collect();
+    if !unexpected.is_empty() {
+        unexpected.sort();
+        let shown: Vec<&str> = unexpected.iter().take(5).map(|s| s.as_str()).collect();
+        candle_core::bail!(
+            "the checkpoint has {} tensor(s) the model does not use: {}{}",
+            unexpected.len(),
+            shown.join(", "),
+            if unexpected.len() > 5 { ", ..." } else { "" }
+        );
+    }
+    Ok(model)
+}
+
+/// Reads every tensor of a safetensors file onto `device`, with the file named in any error.
+pub fn read_safetensors(
+    path: &Path,
+    device: &Device,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device)
+        .map_err(|e| candle_core::Error::Msg(format!("reading {}: {e}", path.display())))
+}
+
+/// The tensors of a `VarMap`, by name.
+pub fn varmap_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
+    varmap
+        .data()
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+/// True for tensors that are state but not trainable parameters (BatchNorm running statistics).
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("num_batches_tracked")
+}
+
+/// The number of trainable parameters among `tensors` (buffers excluded, as PyTorch's
+/// `parameters()` does).
+pub fn count_parameters(tensors: &HashMap<String, Tensor>) -> usize {
+    tensors
+        .iter()
+        .filter(|(k, _)| !is_buffer(k))
+        .map(|(_, t)| t.elem_count())
+        .sum()
+}
+
+/// Re-initialises every variable of `varmap` from `seed`, the way PyTorch initialises a fresh
+/// module: conv and linear weights and biases uniform in `+-1/sqrt(fan_in)` (PyTorch's
+/// `kaiming_uniform_(a=sqrt(5))`), norm scales 1 and shifts 0, running means 0 and variances 1.
+///
+/// candle's own initialisation cannot be seeded; this makes a model's starting point a function
+/// of the seed alone. Variables are visited in name order, each from its own stream.
+pub fn init_seeded(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
+    let data = varmap.data().lock().expect("not poisoned");
+    let shapes: HashMap<&str, Vec<usize>> = data
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.dims().to_vec()))
+        .collect();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for (stream, name) in names.into_iter().enumerate() {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let fan_in = |w: &[usize]| -> usize { w.iter().skip(1).product::<usize>().max(1) };
+        let values: Vec<f32> = if name.ends_with("running_var") {
+            vec![1.0; n]
+        } else if name.ends_with("running_mean") {
+            vec![0.0; n]
+        } else {
+            let weight_shape = if name.ends_with(".bias") {
+                shapes.get(format!("{}.weight", &name[..name.len() - 5]).as_str())
+            } else {
+                Some(&dims)
+            };
+            match weight_shape {
+                // Conv (rank 4) and linear (rank 2) weights, and their biases.
+                Some(w) if w.len() >= 2 => {
+                    let bound = 1.0 / (fan_in(w) as f64).sqrt();
+                    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+                    rng.set_stream(stream as u64);
+                    (0..n)
+                        .map(|_| rng.random_range(-bound..bound) as f32)
+                        .collect()
+                }
+                // Norm scales and shifts.
+                _ if name.ends_with(".weight") => vec![1.0; n],
+                _ => vec![0.0; n],
+            }
+        };
+        var.set(&Tensor::from_vec(values, dims, var.device())?)?;
+    }
+    Ok(())
+}
+
+/// Writes `tensors` to a safetensors file with `metadata` (e.g. `format: pt`, which diffusers
+/// and transformers expect), through a temporary file renamed into place.
+pub fn write_safetensors(
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> candle_core::Result<()> {
+    let mut views: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    views.sort_by(|a, b| a.0.cmp(&b.0));
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::tensor::serialize_to_file(
+        views.iter().map(|(k, t)| (k.as_str(), t)),
+        metadata,
+        &tmp,
+    )
+    .map_err(|e| candle_core::Error::Msg(format!("writing {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        candle_core::Error::Msg(format!(
+            "renaming {} to {}: {e}",
+            tmp.display(),
+            path.display()
+        ))
+    })
+}

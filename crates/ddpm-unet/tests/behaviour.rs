@@ -1,0 +1,357 @@
+//! Training mode, gradients, checkpoint checks, config errors and save/load round trips.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use ddpm_testutil::reference_path;
+use ddpm_unet::{Mode, Unet, UnetConfig, init_seeded, is_buffer, save_pretrained, varmap_tensors};
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn build(config: &UnetConfig, seed: u64) -> (VarMap, Unet) {
+    let varmap = VarMap::new();
+    let unet = Unet::new(
+        config,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    init_seeded(&varmap, seed).unwrap();
+    (varmap, unet)
+}
+
+/// A small UNet2DModel with attention in a block and in the middle, several heads, dropout.
+fn tiny_unet2d() -> UnetConfig {
+    let text = std::fs::read_to_string(reference_path("unet/diffusers_tiny/config.json")).unwrap();
+    let mut config = UnetConfig::from_json(&text).unwrap();
+    if let UnetConfig::Unet2d(c) = &mut config {
+        c.dropout = 0.1;
+    }
+    config
+}
+
+fn inputs(channels: usize, size: usize) -> (Tensor, Tensor) {
+    let n = 2 * channels * size * size;
+    let x: Vec<f32> = (0..n)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let x = Tensor::from_vec(x, (2, channels, size, size), &Device::Cpu).unwrap();
+    (x, Tensor::new(&[3u32, 250], &Device::Cpu).unwrap())
+}
+
+#[test]
+fn gradients_reach_every_parameter_in_training_mode() {
+    let cases = [
+        (
+            UnetConfig::preset("seed-tiny").unwrap(),
+            [
+                "downs.0.bnorm1.weight",
+                "ups.1.transform.weight",
+                "time_mlp.1.bias",
+            ],
+        ),
+        (
+            tiny_unet2d(),
+            [
+                "mid_block.attentions.0.to_q.weight",
+                "down_blocks.1.attentions.0.group_norm.bias",
+                "up_blocks.0.attentions.1.to_out.0.weight",
+            ],
+        ),
+    ];
+    for (config, must_have) in cases {
+        let (varmap, unet) = build(&config, 3);
+        let (x, t) = inputs(config.in_channels(), 16);
+        let out = unet.forward_t(&x, &t, Mode::Train { seed: 1 }).unwrap();
+        let loss = out.sqr().unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        let mut checked = Vec::new();
+        for (name, var) in data.iter().filter(|(n, _)| !is_buffer(n)) {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{name}: gradient norm {norm}"
+            );
+            checked.push(name.as_str());
+        }
+        for name in must_have {
+            assert!(
+                checked.contains(&name),
+                "{name} was not among the parameters checked"
+            );
+        }
+    }
+}
+
+#[test]
+fn batchnorm_train_mode_uses_batch_statistics_and_updates_running_ones() {
+    let config = UnetConfig::preset("seed-tiny").unwrap();
+    let (varmap, unet) = build(&config, 4);
+    let (x, t) = inputs(1, 16);
+    let eval_before = flat(&unet.forward_t(&x, &t, Mode::Eval).unwrap());
+    let mean_before = flat(&varmap_tensors(&varmap)["downs.0.bnorm1.running_mean"]);
+    let train = flat(&unet.forward_t(&x, &t, Mode::Train { seed: 0 }).unwrap());
+    let mean_after = flat(&varmap_tensors(&varmap)["downs.0.bnorm1.running_mean"]);
+    assert_ne!(
+        eval_before, train,
+        "train mode must normalise with batch statistics"
+    );
+    assert!(mean_before.iter().all(|&m| m == 0.0));
+    assert!(
+        mean_after.iter().any(|&m| m != 0.0),
+        "running mean not updated"
+    );
+    let eval_after = flat(&unet.forward_t(&x, &t, Mode::Eval).unwrap());
+    assert_ne!(
+        eval_before, eval_after,
+        "eval must use the updated running statistics"
+    );
+}
+
+#[test]
+fn dropout_is_seeded_and_off_in_eval() {
+    let config = tiny_unet2d();
+    let (_varmap, unet) = build(&config, 5);
+    let (x, t) = inputs(1, 16);
+    let run = |mode| flat(&unet.forward_t(&x, &t, mode).unwrap());
+    assert_eq!(run(Mode::Train { seed: 9 }), run(Mode::Train { seed: 9 }));
+    assert_ne!(run(Mode::Train { seed: 9 }), run(Mode::Train { seed: 10 }));
+    assert_ne!(run(Mode::Train { seed: 9 }), run(Mode::Eval));
+    assert_eq!(run(Mode::Eval), run(Mode::Eval));
+}
+
+#[test]
+fn seeded_init_is_reproducible_and_pytorch_like() {
+    let config = UnetConfig::preset("seed-tiny").unwrap();
+    let (a, _) = build(&config, 42);
+    let (b, _) = build(&config, 42);
+    let (c, _) = build(&config, 43);
+    let (a, b, c) = (varmap_tensors(&a), varmap_tensors(&b), varmap_tensors(&c));
+    for (name, t) in &a {
+        assert_eq!(flat(t), flat(&b[name]), "{name} differs for the same seed");
+    }
+    assert_ne!(flat(&a["conv0.weight"]), flat(&c["conv0.weight"]));
+    // conv1 of the first down block: fan_in = 16 * 3 * 3, bound 1/12.
+    let w = flat(&a["downs.0.conv1.weight"]);
+    let bound = 1.0 / 12.0;
+    assert!(w.iter().all(|v| v.abs() <= bound));
+    assert!(w.iter().any(|v| v.abs() > 0.9 * bound));
+    assert!(flat(&a["downs.0.bnorm1.weight"]).iter().all(|&v| v == 1.0));
+    assert!(
+        flat(&a["downs.0.bnorm1.running_var"])
+            .iter()
+            .all(|&v| v == 1.0)
+    );
+}
+
+#[test]
+fn save_pretrained_round_trips_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, config) in [UnetConfig::preset("seed-tiny").unwrap(), tiny_unet2d()]
+        .into_iter()
+        .enumerate()
+    {
+        let (varmap, unet) = build(&config, 6);
+        // Train one forward pass so BatchNorm statistics are not their initial values.
+        let (x, t) = inputs(config.in_channels(), 16);
+        unet.forward_t(&x, &t, Mode::Train { seed: 0 }).unwrap();
+        let path = dir.path().join(format!("m{i}"));
+        save_pretrained(&config, &varmap_tensors(&varmap), &path).unwrap();
+        let (loaded_config, loaded) = Unet::from_pretrained(&path, &Device::Cpu).unwrap();
+        assert_eq!(loaded_config, config);
+        let a = flat(&unet.forward_t(&x, &t, Mode::Eval).unwrap());
+        let b = flat(&loaded.forward_t(&x, &t, Mode::Eval).unwrap());
+        assert_eq!(a, b, "{config:?}");
+        assert!(
+            !path
+                .join("diffusion_pytorch_model.safetensors.tmp")
+                .exists()
+        );
+    }
+}
+
+fn seed_tiny_tensors() -> (UnetConfig, HashMap<String, Tensor>) {
+    let config = UnetConfig::preset("seed-tiny").unwrap();
+    let (varmap, _) = build(&config, 7);
+    (config, varmap_tensors(&varmap))
+}
+
+#[track_caller]
+fn check_load_error(config: &UnetConfig, tensors: HashMap<String, Tensor>, needles: &[&str]) {
+    let err = Unet::from_tensors(config, tensors, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "error {err:?} should contain {needle:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_checkpoints_name_the_tensor() {
+    let (config, good) = seed_tiny_tensors();
+    assert!(Unet::from_tensors(&config, good.clone(), &Device::Cpu).is_ok());
+
+    let mut missing = good.clone();
+    missing.remove("downs.1.conv2.weight");
+    check_load_error(&config, missing, &["downs.1.conv2.weight", "missing"]);
+
+    let mut misshaped = good.clone();
+    misshaped.insert(
+        "ups.0.conv1.bias".into(),
+        Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+    );
+    check_load_error(&config, misshaped, &["ups.0.conv1.bias", "[7]", "[32]"]);
+
+    let mut wrong_dtype = good.clone();
+    let w = wrong_dtype["conv0.weight"].to_dtype(DType::F16).unwrap();
+    wrong_dtype.insert("conv0.weight".into(), w);
+    check_load_error(&config, wrong_dtype, &["conv0.weight", "F16", "F32"]);
+
+    let mut extra = good.clone();
+    extra.insert(
+        "downs.9.conv1.weight".into(),
+        Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+    );
+    check_load_error(&config, extra, &["downs.9.conv1.weight", "does not use"]);
+
+    // PyTorch's BatchNorm counters are bookkeeping, not weights: accepted.
+    let mut counters = good;
+    counters.insert(
+        "downs.0.bnorm1.num_batches_tracked".into(),
+        Tensor::new(&[3i64], &Device::Cpu).unwrap(),
+    );
+    assert!(Unet::from_tensors(&config, counters, &Device::Cpu).is_ok());
+}
+
+#[test]
+fn a_corrupt_weights_file_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_unet2d();
+    std::fs::write(dir.path().join("config.json"), config.to_json()).unwrap();
+    std::fs::write(
+        dir.path().join("diffusion_pytorch_model.safetensors"),
+        b"not a safetensors file",
+    )
+    .unwrap();
+    let err = Unet::from_pretrained(dir.path(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+    let err = Unet::from_pretrained(&dir.path().join("nowhere"), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("config.json"), "{err}");
+}
+
+#[track_caller]
+fn check_config_error(
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+    needle: &str,
+) {
+    let text = std::fs::read_to_string(reference_path("unet/diffusers_tiny/config.json")).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(value.as_object_mut().unwrap());
+    let result = UnetConfig::from_json(&value.to_string()).and_then(|c| match &c {
+        UnetConfig::Unet2d(u) => u.validate().map(|_| c),
+        UnetConfig::Simple(_) => Ok(c),
+    });
+    let err = result.unwrap_err().to_string();
+    assert!(
+        err.contains(needle),
+        "error {err:?} should contain {needle:?}"
+    );
+}
+
+#[test]
+fn unsupported_config_is_an_error_naming_it() {
+    use serde_json::json;
+    check_config_error(
+        |m| drop(m.insert("cross_attention_dim".into(), json!(64))),
+        "cross_attention_dim",
+    );
+    check_config_error(
+        |m| {
+            drop(m.insert(
+                "down_block_types".into(),
+                json!(["DownBlock2D", "CrossAttnDownBlock2D"]),
+            ))
+        },
+        "CrossAttnDownBlock2D",
+    );
+    check_config_error(
+        |m| drop(m.insert("time_embedding_type".into(), json!("fourier"))),
+        "time_embedding_type",
+    );
+    check_config_error(
+        |m| drop(m.insert("resnet_time_scale_shift".into(), json!("scale_shift"))),
+        "scale_shift",
+    );
+    check_config_error(
+        |m| drop(m.insert("class_embed_type".into(), json!("timestep"))),
+        "class_embed_type",
+    );
+    check_config_error(
+        |m| drop(m.insert("downsample_type".into(), json!("resnet"))),
+        "downsample_type",
+    );
+    check_config_error(|m| drop(m.insert("act_fn".into(), json!("gelu"))), "act_fn");
+    check_config_error(
+        |m| drop(m.insert("_class_name".into(), json!("UNet2DConditionModel"))),
+        "UNet2DConditionModel",
+    );
+    check_config_error(
+        |m| drop(m.insert("block_out_channels".into(), json!([16, 32, 64]))),
+        "same length",
+    );
+    // Metadata keys are fine.
+    let text = std::fs::read_to_string(reference_path("unet/diffusers_tiny/config.json")).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    value["_name_or_path"] = serde_json::json!("somewhere");
+    assert!(UnetConfig::from_json(&value.to_string()).is_ok());
+    assert!(
+        UnetConfig::preset("huge")
+            .unwrap_err()
+            .to_string()
+            .contains("\"huge\"")
+    );
+}
+
+#[test]
+fn wrong_input_shapes_are_errors() {
+    let config = UnetConfig::preset("seed-tiny").unwrap();
+    let (_, unet) = build(&config, 8);
+    let x = Tensor::zeros((1, 1, 10, 10), DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+    let err = unet.forward_t(&x, &t, Mode::Eval).unwrap_err().to_string();
+    assert!(
+        err.contains("divisible by 4") && err.contains("[1, 1, 10, 10]"),
+        "{err}"
+    );
+
+    let (_, unet) = build(&tiny_unet2d(), 8);
+    let x = Tensor::zeros((2, 1, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap();
+    let err = unet.forward_t(&x, &t, Mode::Eval).unwrap_err().to_string();
+    assert!(err.contains("timesteps"), "{err}");
+    // One timestep broadcasts over the batch, as in diffusers.
+    let one = Tensor::new(&[5u32], &Device::Cpu).unwrap();
+    let both = Tensor::new(&[5u32, 5], &Device::Cpu).unwrap();
+    let a = flat(&unet.forward_t(&x, &one, Mode::Eval).unwrap());
+    let b = flat(&unet.forward_t(&x, &both, Mode::Eval).unwrap());
+    assert_eq!(a, b);
+}

@@ -1,0 +1,150 @@
+//! Both U-Nets against PyTorch and diffusers 0.42.1 outputs.
+//!
+//! Fixtures under `assets/reference/unet/`:
+//! - `seed_small`, `diffusers_tiny`: from the shared reference set (`ref_fixtures.py`, see
+//!   `assets/reference/README.md`): the seed's SimpleUnet in eval mode and a 2-level UNet2DModel.
+//! - `legacy_tiny`, `multihead_tiny`, `ddpm_cifar10`: written by
+//!   `scripts/reference/unet_fixtures.py` (diffusers 0.42.1, PyTorch 2.15, float32); that script's
+//!   docstring lists what each exercises.
+//!
+//! Tolerance: 1e-4 absolute (the reference README's "expect agreement to ~1e-4").
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use ddpm_testutil::{assert_close, max_abs_diff, reference_path};
+use ddpm_unet::{Mode, SimpleUnetConfig, Unet, Unet2dConfig, UnetConfig, count_parameters};
+
+const ATOL: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    reference_path(&format!("unet/{name}"))
+}
+
+fn io(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name).join("io.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[track_caller]
+fn check_output(name: &str, unet: &Unet) {
+    let io = io(name);
+    let out = unet
+        .forward_t(&io["sample"], &io["timesteps"], Mode::Eval)
+        .unwrap();
+    assert_eq!(out.dims(), io["output"].dims(), "{name}");
+    let (ours, theirs) = (flat(&out), flat(&io["output"]));
+    assert_close(name, &ours, &theirs, ATOL, 0.0);
+    eprintln!("{name}: max |diff| {:e}", max_abs_diff(&ours, &theirs));
+}
+
+#[test]
+fn seed_small_matches_pytorch() {
+    // The fixture's config.json describes the PyTorch model; ours is the same architecture.
+    let config = UnetConfig::Simple(SimpleUnetConfig::with_channels(1, &[16, 32, 64]));
+    let tensors = candle_core::safetensors::load(
+        fixture("seed_small").join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let unet = Unet::from_tensors(&config, tensors, &Device::Cpu).unwrap();
+    check_output("seed_small", &unet);
+}
+
+#[test]
+fn diffusers_folders_match_diffusers() {
+    for name in ["diffusers_tiny", "legacy_tiny", "multihead_tiny"] {
+        let (config, unet) = Unet::from_pretrained(&fixture(name), &Device::Cpu).unwrap();
+        assert!(matches!(config, UnetConfig::Unet2d(_)), "{name}");
+        check_output(name, &unet);
+    }
+}
+
+/// The weights `unet_fixtures.py::formula_weights` gives every parameter.
+fn formula_weights(varmap: &VarMap) {
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let phase = name.bytes().map(|b| b as f64).sum::<f64>() / 1000.0;
+        let dims = var.dims().to_vec();
+        let fan_in: usize = dims.iter().skip(1).product();
+        let v: Vec<f32> = (0..var.elem_count())
+            .map(|i| {
+                let s = (0.37 * i as f64 + phase).sin();
+                (if dims.len() >= 2 {
+                    s / (fan_in as f64).sqrt()
+                } else if name.ends_with("weight") {
+                    1.0 + 0.1 * s
+                } else {
+                    0.1 * s
+                }) as f32
+            })
+            .collect();
+        var.set(&Tensor::from_vec(v, dims, &Device::Cpu).unwrap())
+            .unwrap();
+    }
+}
+
+#[test]
+fn ddpm_cifar10_architecture_matches_diffusers() {
+    let io = io("ddpm_cifar10");
+    let config = UnetConfig::preset("ddpm-cifar10").unwrap();
+    // The preset is exactly the config diffusers wrote for this architecture.
+    let text = std::fs::read_to_string(fixture("ddpm_cifar10").join("config.json")).unwrap();
+    assert_eq!(UnetConfig::from_json(&text).unwrap(), config);
+
+    let varmap = VarMap::new();
+    let unet = Unet::new(
+        &config,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let expected_params = io["num_parameters"].to_vec1::<i64>().unwrap()[0] as usize;
+    let tensors = ddpm_unet::varmap_tensors(&varmap);
+    assert_eq!(count_parameters(&tensors), expected_params);
+    assert_eq!(expected_params, 35_746_307);
+    formula_weights(&varmap);
+    check_output("ddpm_cifar10", &unet);
+}
+
+#[test]
+fn seed_default_has_the_seeds_parameter_count() {
+    let varmap = VarMap::new();
+    Unet::new(
+        &UnetConfig::preset("seed").unwrap(),
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let tensors = ddpm_unet::varmap_tensors(&varmap);
+    assert_eq!(count_parameters(&tensors), 62_438_883);
+    // Running statistics are state, not parameters, but they are there.
+    assert!(tensors.contains_key("downs.0.bnorm1.running_mean"));
+    assert!(tensors.contains_key("ups.3.transform.weight"));
+    assert!(tensors.contains_key("time_mlp.1.weight"));
+}
+
+#[test]
+fn mnist_preset_builds_and_runs() {
+    let config = UnetConfig::preset("mnist").unwrap();
+    let varmap = VarMap::new();
+    let unet = Unet::new(
+        &config,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    ddpm_unet::init_seeded(&varmap, 1).unwrap();
+    let x = Tensor::ones((2, 1, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::new(&[0u32, 299], &Device::Cpu).unwrap();
+    let out = unet.forward_t(&x, &t, Mode::Eval).unwrap();
+    assert_eq!(out.dims(), &[2, 1, 32, 32]);
+    assert!(flat(&out).iter().all(|v| v.is_finite()));
+    let n = count_parameters(&ddpm_unet::varmap_tensors(&varmap));
+    assert!(
+        (1_000_000..3_000_000).contains(&n),
+        "mnist preset has {n} parameters"
+    );
+    let _ = Unet2dConfig::mnist();
+}
