@@ -1,0 +1,94 @@
+//! Writing samples as PNG: single images, grids and strips.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use image::{DynamicImage, GrayImage, RgbImage};
+
+use crate::DataError;
+
+/// A `[B, C, H, W]` tensor in `[-1, 1]` (clamped) as `u8` images, `C` in {1, 3}.
+pub fn tensor_to_images(x: &Tensor) -> Result<Vec<DynamicImage>, DataError> {
+    let (b, c, h, w) = x.dims4()?;
+    if c != 1 && c != 3 {
+        return Err(
+            candle_core::Error::Msg(format!("images need 1 or 3 channels, got {c}")).into(),
+        );
+    }
+    let v: Vec<f32> = x
+        .to_dtype(DType::F32)?
+        .clamp(-1f32, 1f32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let to_u8 = |f: f32| ((f + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
+    let n = c * h * w;
+    Ok((0..b)
+        .map(|i| {
+            let img = &v[i * n..(i + 1) * n];
+            if c == 1 {
+                DynamicImage::ImageLuma8(GrayImage::from_fn(w as u32, h as u32, |x, y| {
+                    image::Luma([to_u8(img[y as usize * w + x as usize])])
+                }))
+            } else {
+                DynamicImage::ImageRgb8(RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                    let p = y as usize * w + x as usize;
+                    image::Rgb([
+                        to_u8(img[p]),
+                        to_u8(img[h * w + p]),
+                        to_u8(img[2 * h * w + p]),
+                    ])
+                }))
+            }
+        })
+        .collect())
+}
+
+/// Saves one image as PNG, through a temporary file renamed into place.
+pub fn write_png(img: &DynamicImage, path: &Path) -> Result<(), DataError> {
+    let tmp = path.with_extension("png.tmp");
+    let err = |m: String| DataError::Write {
+        path: path.to_path_buf(),
+        message: m,
+    };
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+}
+
+/// Tiles a `[B, C, H, W]` batch in `[-1, 1]` into a grid of `ncols` columns with a 2-pixel
+/// border, and saves it as PNG.
+pub fn write_grid_png(x: &Tensor, ncols: usize, path: &Path) -> Result<(), DataError> {
+    let images = tensor_to_images(x)?;
+    write_png(&tile(&images, ncols.max(1)), path)
+}
+
+/// One row of images (the forward-process strip, the denoising progression).
+pub fn write_strip_png(x: &Tensor, path: &Path) -> Result<(), DataError> {
+    let images = tensor_to_images(x)?;
+    write_png(&tile(&images, images.len().max(1)), path)
+}
+
+fn tile(images: &[DynamicImage], ncols: usize) -> DynamicImage {
+    let pad = 2u32;
+    let (w, h) = images
+        .first()
+        .map(|i| (i.width(), i.height()))
+        .unwrap_or((1, 1));
+    let cols = ncols.min(images.len().max(1)) as u32;
+    let rows = images.len().div_ceil(ncols).max(1) as u32;
+    let mut canvas = RgbImage::from_pixel(
+        cols * (w + pad) + pad,
+        rows * (h + pad) + pad,
+        image::Rgb([255, 255, 255]),
+    );
+    for (i, img) in images.iter().enumerate() {
+        let (col, row) = (i as u32 % cols, i as u32 / cols);
+        image::imageops::replace(
+            &mut canvas,
+            &img.to_rgb8(),
+            (pad + col * (w + pad)) as i64,
+            (pad + row * (h + pad)) as i64,
+        );
+    }
+    DynamicImage::ImageRgb8(canvas)
+}
