@@ -197,6 +197,38 @@ impl ImageSet {
         })
     }
 
+    /// Every image resized to `size` x `size` (bilinear, after a centre crop to a square), for
+    /// training at a lower resolution.
+    pub fn resize_to(self, size: usize) -> Self {
+        if self.height == size && self.width == size {
+            return self;
+        }
+        let mut pixels = Vec::with_capacity(self.len * self.channels * size * size);
+        for i in 0..self.len {
+            let img = self.image(i);
+            let (h, w) = (self.height, self.width);
+            let planes: Vec<Vec<u8>> = (0..self.channels)
+                .map(|c| {
+                    let plane = img[c * h * w..(c + 1) * h * w].to_vec();
+                    let gray =
+                        image::GrayImage::from_raw(w as u32, h as u32, plane).expect("sizes match");
+                    sources::fit(image::DynamicImage::ImageLuma8(gray), size)
+                        .to_luma8()
+                        .into_raw()
+                })
+                .collect();
+            for p in planes {
+                pixels.extend(p);
+            }
+        }
+        Self {
+            pixels,
+            height: size,
+            width: size,
+            ..self
+        }
+    }
+
     /// Images `indices` as an `f32` tensor `[B, C, H, W]` in `[-1, 1]`, each flipped left-right
     /// where `flips[i]` is true.
     pub fn batch(

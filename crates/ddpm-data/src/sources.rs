@@ -284,7 +284,7 @@ fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
 }
 
 /// Resize so the shorter side is `size` (bilinear), then centre-crop to a square.
-fn fit(img: DynamicImage, size: usize) -> DynamicImage {
+pub(crate) fn fit(img: DynamicImage, size: usize) -> DynamicImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == size && h == size {
         return img;

@@ -257,6 +257,22 @@ fn parquet_files_like_the_hub_writes() {
 }
 
 #[test]
+fn resizing_keeps_content_and_channels() {
+    let set = ImageSet::from_pixels(vec![200; 2 * 3 * 8 * 8], 2, 3, 8, 8, Some(vec![1, 2]))
+        .unwrap()
+        .resize_to(4);
+    assert_eq!(
+        (set.len(), set.channels(), set.height(), set.width()),
+        (2, 3, 4, 4)
+    );
+    assert!(set.image(1).iter().all(|&v| v == 200));
+    assert_eq!(set.labels().unwrap(), &[1, 2]);
+    let digits = ImageSet::embedded_mnist().unwrap().take(3).resize_to(16);
+    assert_eq!(digits.height(), 16);
+    assert!(digits.image(0).iter().any(|&p| p > 100));
+}
+
+#[test]
 fn padding_centres_digits() {
     let set = ImageSet::from_pixels(vec![255; 2 * 28 * 28], 2, 1, 28, 28, None)
         .unwrap()

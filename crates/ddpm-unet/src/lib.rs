@@ -148,6 +148,11 @@ impl UnetConfig {
     /// The `config.json` text: diffusers' layout for `UNet2DModel` (with `_class_name` and
     /// `_diffusers_version`), the same shape for `SimpleUnet`.
     pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(&self.to_value()).expect("JSON values serialize")
+    }
+
+    /// The `config.json` content as a JSON value.
+    pub fn to_value(&self) -> Value {
         let (class, body) = match self {
             Self::Simple(c) => ("SimpleUnet", serde_json::to_value(c)),
             Self::Unet2d(c) => ("UNet2DModel", serde_json::to_value(c)),
@@ -161,7 +166,7 @@ impl UnetConfig {
             map.insert("_diffusers_version".into(), DIFFUSERS_VERSION.into());
         }
         map.extend(body);
-        serde_json::to_string_pretty(&Value::Object(map)).expect("JSON values serialize")
+        Value::Object(map)
     }
 
     /// Input channels.
@@ -191,6 +196,20 @@ impl UnetConfig {
 
 fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)
+}
+
+/// Serialized as its `config.json` object (so a training config can embed it).
+impl serde::Serialize for UnetConfig {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_value().serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for UnetConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        Self::from_json(&value.to_string()).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A U-Net of either architecture.

@@ -1,0 +1,238 @@
+//! Checkpoints: one safetensors file per save, written atomically, holding everything a run
+//! needs to continue bit for bit.
+//!
+//! Tensors: `model/NAME` (weights and BatchNorm statistics), `ema/NAME`, `adam_m/NAME`,
+//! `adam_v/NAME`. Metadata (strings): `format`, `step`, `adam_step`, `ema_step`, `config` (the
+//! resolved [`TrainConfig`] as JSON), `rng` and `data` (JSON states), `dataset`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use ddpm_data::{DataPosition, ImageSet};
+use ddpm_forward::{NoiseSource, NoiseState};
+
+use crate::trainer::{AdamW, sorted_params};
+use crate::{TrainConfig, Trainer};
+
+/// The `format` metadata value of our checkpoints.
+pub const CHECKPOINT_FORMAT: &str = "ddpm-checkpoint-v1";
+
+fn msg(s: String) -> candle_core::Error {
+    candle_core::Error::Msg(s)
+}
+
+/// Writes a file atomically: `write` fills a temporary file beside `path`, which is flushed to
+/// disk and renamed over `path` only if `write` succeeds. A failure (or a crash) at any point
+/// leaves whatever was at `path` untouched; a failed attempt removes its temporary file.
+pub fn atomic_write(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        write(&mut file)?;
+        file.flush()?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The checkpoint file name for `step`.
+pub fn checkpoint_name(step: u64) -> String {
+    format!("step-{step:08}.safetensors")
+}
+
+/// The checkpoints in `dir` (files named `step-NNNNNNNN.safetensors`), oldest first.
+pub fn list_checkpoints(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    if !dir.exists() {
+        return Ok(found);
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.strip_suffix(".safetensors"))
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            found.push((step, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+impl Trainer {
+    /// Writes the complete state to `path`, atomically ([`atomic_write`]).
+    pub fn save_checkpoint(&self, path: &Path) -> candle_core::Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (name, t) in self.model_tensors() {
+            tensors.push((format!("model/{name}"), t));
+        }
+        for (name, t) in &self.ema {
+            tensors.push((format!("ema/{name}"), t.clone()));
+        }
+        for (name, t) in &self.opt.m {
+            tensors.push((format!("adam_m/{name}"), t.clone()));
+        }
+        for (name, t) in &self.opt.v {
+            tensors.push((format!("adam_v/{name}"), t.clone()));
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let tensors: Vec<(String, Tensor)> = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
+            .collect::<candle_core::Result<_>>()?;
+        let json = |v: &dyn erased::Json| v.json();
+        let metadata = HashMap::from([
+            ("format".to_string(), CHECKPOINT_FORMAT.to_string()),
+            ("step".to_string(), self.step.to_string()),
+            ("adam_step".to_string(), self.opt.t.to_string()),
+            ("ema_step".to_string(), self.ema_steps.to_string()),
+            ("config".to_string(), json(&self.config)),
+            ("rng".to_string(), json(&self.rng.state())),
+            ("data".to_string(), json(&self.data.position())),
+            ("dataset".to_string(), self.dataset.clone()),
+        ]);
+        let bytes = safetensors::tensor::serialize(
+            tensors.iter().map(|(k, t)| (k.as_str(), t)),
+            Some(metadata),
+        )
+        .map_err(|e| msg(format!("serializing checkpoint {}: {e}", path.display())))?;
+        atomic_write(path, |f| f.write_all(&bytes))
+            .map_err(|e| msg(format!("writing checkpoint {}: {e}", path.display())))
+    }
+
+    /// Restores a run from a checkpoint, with the data it was trained on. `steps`, when given,
+    /// replaces the configured total (to train on past the original end). The result continues
+    /// exactly as the run that wrote the checkpoint would have.
+    pub fn resume(
+        path: &Path,
+        data: Arc<ImageSet>,
+        device: &Device,
+        steps: Option<u64>,
+    ) -> candle_core::Result<Self> {
+        let ctx = |e: String| msg(format!("checkpoint {}: {e}", path.display()));
+        let bytes = std::fs::read(path).map_err(|e| ctx(e.to_string()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| ctx(format!("not a safetensors file: {e}")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let get = |key: &str| {
+            meta.get(key)
+                .cloned()
+                .ok_or_else(|| ctx(format!("metadata {key:?} is missing")))
+        };
+        if get("format")? != CHECKPOINT_FORMAT {
+            return Err(ctx(format!(
+                "format {:?} is not {CHECKPOINT_FORMAT}",
+                meta.get("format")
+            )));
+        }
+        let parse_u64 = |key: &str| -> candle_core::Result<u64> {
+            get(key)?
+                .parse()
+                .map_err(|e| ctx(format!("metadata {key}: {e}")))
+        };
+        let mut config: TrainConfig =
+            serde_json::from_str(&get("config")?).map_err(|e| ctx(format!("config: {e}")))?;
+        if let Some(s) = steps {
+            config.steps = s;
+        }
+        let rng: NoiseState =
+            serde_json::from_str(&get("rng")?).map_err(|e| ctx(format!("rng: {e}")))?;
+        let position: DataPosition =
+            serde_json::from_str(&get("data")?).map_err(|e| ctx(format!("data: {e}")))?;
+        let dataset = get("dataset")?;
+        let all = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| ctx(e.to_string()))?;
+        let mut groups: HashMap<&str, HashMap<String, Tensor>> = HashMap::new();
+        for (name, t) in all {
+            let (group, rest) = name
+                .split_once('/')
+                .ok_or_else(|| ctx(format!("unexpected tensor {name}")))?;
+            let group = match group {
+                "model" => "model",
+                "ema" => "ema",
+                "adam_m" => "adam_m",
+                "adam_v" => "adam_v",
+                other => return Err(ctx(format!("unexpected tensor group {other:?}"))),
+            };
+            groups.entry(group).or_default().insert(rest.to_string(), t);
+        }
+        let mut take = |g: &str| groups.remove(g).unwrap_or_default();
+        let (model, ema, m, v) = (take("model"), take("ema"), take("adam_m"), take("adam_v"));
+
+        let mut trainer = Trainer::new(config, data, &dataset, device)?;
+        // Every tensor the model has must be in the checkpoint with its shape (checked load).
+        ddpm_unet::Unet::from_tensors(&trainer.config.model, model.clone(), device)
+            .map_err(|e| ctx(format!("model: {e}")))?;
+        ddpm_unet::Unet::from_tensors(&trainer.config.model, ema.clone(), device)
+            .map_err(|e| ctx(format!("ema: {e}")))?;
+        for (name, var) in trainer.varmap.data().lock().expect("not poisoned").iter() {
+            var.set(&model[name])?;
+        }
+        for (name, _) in sorted_params(&trainer.varmap) {
+            for (moments, what) in [(&m, "adam_m"), (&v, "adam_v")] {
+                let t = moments
+                    .get(&name)
+                    .ok_or_else(|| ctx(format!("{what}/{name} is missing")))?;
+                if t.dims() != model[&name].dims() {
+                    return Err(ctx(format!(
+                        "{what}/{name} has shape {:?}, the model {:?}",
+                        t.dims(),
+                        model[&name].dims()
+                    )));
+                }
+            }
+        }
+        trainer.ema = ema;
+        trainer.opt = AdamW {
+            config: trainer.config.optimizer,
+            m,
+            v,
+            t: parse_u64("adam_step")?,
+        };
+        trainer.ema_steps = parse_u64("ema_step")?;
+        trainer.step = parse_u64("step")?;
+        trainer.rng = NoiseSource::from_state(&rng);
+        trainer.data = trainer.data.clone().with_position(position);
+        Ok(trainer)
+    }
+}
+
+/// JSON for the metadata values, without a generic parameter on the closure.
+mod erased {
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).expect("state serializes")
+        }
+    }
+}

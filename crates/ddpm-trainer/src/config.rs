@@ -1,0 +1,280 @@
+//! The training configuration: everything a run needs besides its data, serialized beside every
+//! checkpoint.
+
+use ddpm_forward::Prediction;
+use ddpm_schedule::ScheduleConfig;
+use ddpm_unet::UnetConfig;
+use serde::{Deserialize, Serialize};
+
+/// The regression loss between the network's output and its target.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Loss {
+    /// Mean absolute error (the seed's `F.l1_loss`).
+    L1,
+    /// Mean squared error (the DDPM paper's simplified objective, eq. 14).
+    L2,
+    /// PyTorch's `huber_loss`: quadratic within `delta`, linear beyond.
+    Huber {
+        /// Where the quadratic part ends.
+        delta: f64,
+    },
+}
+
+/// How the learning rate evolves after warmup (diffusers' `get_scheduler` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// Linear warmup, then constant (`constant_with_warmup`).
+    Constant,
+    /// Linear warmup, then half a cosine down to 0 at the last step (`cosine`).
+    Cosine,
+}
+
+/// AdamW (Loshchilov and Hutter 2019) hyper-parameters, PyTorch's names and meaning. Adam is
+/// `weight_decay = 0`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamWConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+/// EMA of the weights with diffusers' warmup schedule (`EMAModel`): the decay after `n`
+/// optimizer steps is `1 - (1 + k / inv_gamma)^-power` with `k = n - update_after_step - 1`,
+/// clamped to `[min_decay, max_decay]` (0 before the first update).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmaConfig {
+    /// The decay the schedule approaches.
+    pub max_decay: f64,
+    /// A floor on the decay.
+    pub min_decay: f64,
+    /// Warmup time scale.
+    pub inv_gamma: f64,
+    /// Warmup exponent (2/3 for long runs, 3/4 for short ones).
+    pub power: f64,
+    /// Steps before the EMA starts following.
+    pub update_after_step: u64,
+    /// Use the warmup schedule; without it the decay is `(1 + k) / (10 + k)`.
+    pub use_warmup: bool,
+}
+
+impl EmaConfig {
+    /// diffusers' `train_unconditional.py` defaults: max 0.9999, inv_gamma 1, power 3/4.
+    pub fn diffusers() -> Self {
+        Self {
+            max_decay: 0.9999,
+            min_decay: 0.0,
+            inv_gamma: 1.0,
+            power: 0.75,
+            update_after_step: 0,
+            use_warmup: true,
+        }
+    }
+
+    /// The decay used for the `optimization_step`-th update (1-based), diffusers' `get_decay`.
+    pub fn decay(&self, optimization_step: u64) -> f64 {
+        let step = optimization_step.saturating_sub(self.update_after_step + 1);
+        if step == 0 {
+            return 0.0;
+        }
+        let s = step as f64;
+        let d = if self.use_warmup {
+            1.0 - (1.0 + s / self.inv_gamma).powf(-self.power)
+        } else {
+            (1.0 + s) / (10.0 + s)
+        };
+        d.min(self.max_decay).max(self.min_decay)
+    }
+}
+
+/// Everything about a training run except its data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The network.
+    pub model: UnetConfig,
+    /// The noise schedule.
+    pub schedule: ScheduleConfig,
+    /// What the network learns to predict.
+    pub objective: Prediction,
+    /// The loss.
+    pub loss: Loss,
+    /// Min-SNR loss weighting (Hang et al. 2023) with this gamma (5 in the paper); `None` is off.
+    pub min_snr_gamma: Option<f64>,
+    /// The optimizer.
+    pub optimizer: AdamWConfig,
+    /// Learning-rate schedule after warmup.
+    pub lr_schedule: LrSchedule,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// Clip the global gradient norm to this; `None` is off.
+    pub grad_clip: Option<f64>,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Images per micro-batch.
+    pub batch_size: usize,
+    /// Optimizer steps in all.
+    pub steps: u64,
+    /// The weight EMA.
+    pub ema: EmaConfig,
+    /// The seed of everything random: initialisation, data order, timesteps, noise, dropout.
+    pub seed: u64,
+    /// Random horizontal flips of the training images.
+    pub flip: bool,
+    /// Save a checkpoint every this many steps (and at the end); 0 only at the end.
+    pub checkpoint_every: u64,
+    /// Keep this many most recent checkpoints.
+    pub keep_checkpoints: usize,
+    /// Write a sample grid every this many steps (and at the end); 0 only at the end.
+    pub sample_every: u64,
+    /// Images in each sample grid.
+    pub sample_count: usize,
+    /// DDIM steps for the sample grids.
+    pub sample_steps: usize,
+}
+
+/// The recipe names [`TrainConfig::preset`] accepts.
+pub const RECIPES: [&str; 3] = ["mnist", "seed", "tiny"];
+
+impl TrainConfig {
+    /// A named recipe:
+    /// - `mnist`: the default for the embedded digits (see the README for what it achieves);
+    /// - `seed`: the seed tutorial's setup: SimpleUnet, T = 300 linear, L1 on eps, Adam 1e-3;
+    /// - `tiny`: a few-second run for tests and smoke checks.
+    pub fn preset(name: &str) -> candle_core::Result<Self> {
+        let base = Self {
+            model: UnetConfig::preset("seed-small")?,
+            schedule: ScheduleConfig::seed_linear(),
+            objective: Prediction::Epsilon,
+            loss: Loss::L1,
+            min_snr_gamma: None,
+            optimizer: AdamWConfig {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            grad_clip: None,
+            grad_accum: 1,
+            batch_size: 128,
+            steps: 3000,
+            ema: EmaConfig::diffusers(),
+            seed: 0,
+            flip: false,
+            checkpoint_every: 500,
+            keep_checkpoints: 3,
+            sample_every: 500,
+            sample_count: 40,
+            sample_steps: 50,
+        };
+        Ok(match name {
+            "seed" => base,
+            "mnist" => Self {
+                model: UnetConfig::preset("mnist")?,
+                loss: Loss::L2,
+                optimizer: AdamWConfig {
+                    lr: 2e-3,
+                    ..base.optimizer
+                },
+                lr_schedule: LrSchedule::Cosine,
+                warmup_steps: 100,
+                grad_clip: Some(1.0),
+                batch_size: 64,
+                steps: 2000,
+                ema: EmaConfig {
+                    max_decay: 0.999,
+                    power: 2.0 / 3.0,
+                    ..EmaConfig::diffusers()
+                },
+                ..base
+            },
+            "tiny" => Self {
+                model: UnetConfig::preset("seed-tiny")?,
+                batch_size: 8,
+                steps: 10,
+                checkpoint_every: 5,
+                sample_every: 0,
+                sample_count: 4,
+                sample_steps: 5,
+                ..base
+            },
+            other => candle_core::bail!("unknown recipe {other:?} (known: {})", RECIPES.join(", ")),
+        })
+    }
+
+    /// Checks the values that would otherwise fail deep inside a run.
+    pub fn validate(&self) -> candle_core::Result<()> {
+        fn positive(what: &str, v: f64) -> candle_core::Result<()> {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                candle_core::bail!("{what} must be positive, got {v}")
+            }
+        }
+        positive("steps", self.steps as f64)?;
+        positive("batch_size", self.batch_size as f64)?;
+        positive("grad_accum", self.grad_accum as f64)?;
+        positive("keep_checkpoints", self.keep_checkpoints as f64)?;
+        positive("sample_count", self.sample_count as f64)?;
+        positive("sample_steps", self.sample_steps as f64)?;
+        positive("lr", self.optimizer.lr)?;
+        positive("eps", self.optimizer.eps)?;
+        if let Some(c) = self.grad_clip {
+            positive("grad_clip", c)?;
+        }
+        if let Some(g) = self.min_snr_gamma {
+            positive("min_snr_gamma", g)?;
+        }
+        if let Loss::Huber { delta } = self.loss {
+            positive("huber delta", delta)?;
+        }
+        let o = self.optimizer;
+        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
+            candle_core::bail!(
+                "AdamW betas must be in [0, 1), got {} and {}",
+                o.beta1,
+                o.beta2
+            );
+        }
+        if !(0.0..1.0).contains(&self.ema.max_decay) {
+            candle_core::bail!(
+                "EMA max_decay must be in [0, 1), got {}",
+                self.ema.max_decay
+            );
+        }
+        self.schedule
+            .validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The learning rate for optimizer step `step` (0-based), as diffusers' schedulers give it.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let w = self.warmup_steps;
+        let m = if step < w {
+            step as f64 / w.max(1) as f64
+        } else {
+            match self.lr_schedule {
+                LrSchedule::Constant => 1.0,
+                LrSchedule::Cosine => {
+                    let progress = (step - w) as f64 / (self.steps.saturating_sub(w)).max(1) as f64;
+                    (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+                }
+            }
+        };
+        self.optimizer.lr * m
+    }
+}

@@ -1,0 +1,37 @@
+//! Training diffusion models on candle.
+//!
+//! [`Trainer`] holds a run's complete state (model, EMA of the weights, AdamW moments, RNG
+//! state, data position, step) and takes one optimizer step at a time: DDPM algorithm 1 with
+//! the loss ([`Loss`]: the seed's L1, L2 or Huber), objective (eps, x0 or v) and optional
+//! min-SNR weighting of [`TrainConfig`], gradient accumulation, global-norm clipping, linear
+//! warmup then constant or cosine learning rate, and diffusers' EMA warmup schedule.
+//!
+//! Checkpoints are single safetensors files written atomically; [`Trainer::resume`] continues a
+//! run bit for bit. [`run`] drives a whole run with a progress bar, JSON-lines metrics, a loss
+//! curve and sample grids drawn with the EMA weights.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use candle_core::Device;
+//! use ddpm_data::ImageSet;
+//! use ddpm_trainer::{run, TrainConfig, Trainer};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let data = Arc::new(ImageSet::embedded_mnist()?.pad_to(32)?);
+//! let mut trainer = Trainer::new(TrainConfig::preset("mnist")?, data, "embedded mnist", &Device::Cpu)?;
+//! let summary = run(&mut trainer, "runs/mnist".as_ref(), true)?;
+//! println!("checkpoint: {}", summary.checkpoint.display());
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+mod checkpoint;
+mod config;
+mod run;
+mod trainer;
+
+pub use checkpoint::{CHECKPOINT_FORMAT, atomic_write, checkpoint_name, list_checkpoints};
+pub use config::{AdamWConfig, EmaConfig, Loss, LrSchedule, RECIPES, TrainConfig};
+pub use run::{RunPaths, RunSummary, draw_loss_curve, run, sample_ema};
+pub use trainer::{AdamW, StepMetrics, TrainError, Trainer, ema_step};

@@ -1,0 +1,416 @@
+//! The training state and one optimizer step.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use ddpm_data::{Batches, DataPosition, ImageSet};
+use ddpm_forward::{ForwardProcess, NoiseSource, NoiseState, Prediction};
+use ddpm_schedule::{Schedule, Table};
+use ddpm_unet::{Mode, Unet, init_seeded, is_buffer};
+
+use crate::{AdamWConfig, Loss, TrainConfig};
+
+/// Metrics of one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct StepMetrics {
+    /// The step just completed (1-based).
+    pub step: u64,
+    /// The loss, averaged over the micro-batches.
+    pub loss: f64,
+    /// The learning rate used.
+    pub lr: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The EMA decay used.
+    pub ema_decay: f64,
+}
+
+/// Why a step failed in a way the caller may want to tell apart.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// The loss was NaN or infinite; nothing was updated.
+    #[error("loss is {value} at step {step}: training stopped, the weights were not updated")]
+    NonFiniteLoss {
+        /// The step that would have been taken (1-based).
+        step: u64,
+        /// The loss value.
+        value: f64,
+    },
+    /// Anything else.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// AdamW (PyTorch's single-tensor algorithm) with its moment estimates in the open, so they can
+/// be checkpointed and restored (candle's own keeps them private).
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    pub(crate) config: AdamWConfig,
+    pub(crate) m: HashMap<String, Tensor>,
+    pub(crate) v: HashMap<String, Tensor>,
+    pub(crate) t: u64,
+}
+
+impl AdamW {
+    /// Zero moments for `params`.
+    pub fn new(config: AdamWConfig, params: &[(String, Var)]) -> candle_core::Result<Self> {
+        let zeros = || -> candle_core::Result<HashMap<String, Tensor>> {
+            params
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), v.as_tensor().zeros_like()?)))
+                .collect()
+        };
+        Ok(Self {
+            config,
+            m: zeros()?,
+            v: zeros()?,
+            t: 0,
+        })
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.t
+    }
+
+    /// One update of every parameter with its gradient times `grad_scale`, at learning rate
+    /// `lr`: decoupled decay `p *= 1 - lr wd`, then `p -= lr / (1 - b1^t) m / (sqrt(v) / sqrt(1 -
+    /// b2^t) + eps)` with `m`, `v` the running moments.
+    pub fn step(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &[Tensor],
+        grad_scale: f64,
+        lr: f64,
+    ) -> candle_core::Result<()> {
+        let o = self.config;
+        self.t += 1;
+        let t = self.t as i32;
+        let bc1 = 1.0 - o.beta1.powi(t);
+        let bc2_sqrt = (1.0 - o.beta2.powi(t)).sqrt();
+        for ((name, var), g) in params.iter().zip(grads) {
+            let g = if grad_scale == 1.0 {
+                g.clone()
+            } else {
+                (g * grad_scale)?
+            };
+            let missing = || candle_core::Error::Msg(format!("no AdamW state for {name}"));
+            let m = ((self.m.get(name).ok_or_else(missing)? * o.beta1)? + (&g * (1.0 - o.beta1))?)?;
+            let v = ((self.v.get(name).ok_or_else(missing)? * o.beta2)?
+                + (g.sqr()? * (1.0 - o.beta2))?)?;
+            let p = (var.as_tensor() * (1.0 - lr * o.weight_decay))?;
+            let denom = ((v.sqrt()? / bc2_sqrt)? + o.eps)?;
+            let p = (p - ((&m / denom)? * (lr / bc1))?)?;
+            var.set(&p)?;
+            self.m.insert(name.clone(), m);
+            self.v.insert(name.clone(), v);
+        }
+        Ok(())
+    }
+}
+
+/// One EMA update, diffusers' `s -= (1 - decay) (s - p)`.
+pub fn ema_step(shadow: &Tensor, param: &Tensor, decay: f64) -> candle_core::Result<Tensor> {
+    shadow - ((shadow - param)? * (1.0 - decay))?
+}
+
+/// A training run's complete state: model, EMA, optimizer, RNG, data position, step.
+pub struct Trainer {
+    pub(crate) config: TrainConfig,
+    pub(crate) device: Device,
+    pub(crate) varmap: VarMap,
+    pub(crate) unet: Unet,
+    /// Trainable parameters by name, sorted (buffers excluded).
+    pub(crate) params: Vec<(String, Var)>,
+    pub(crate) ema: HashMap<String, Tensor>,
+    pub(crate) ema_steps: u64,
+    pub(crate) opt: AdamW,
+    pub(crate) step: u64,
+    pub(crate) rng: NoiseSource,
+    pub(crate) data: Batches,
+    pub(crate) forward: ForwardProcess,
+    pub(crate) schedule: Schedule,
+    pub(crate) dataset: String,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("step", &self.step)
+            .field("dataset", &self.dataset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainer {
+    /// A fresh run: weights initialised from `config.seed`, EMA equal to them, zero moments.
+    /// `dataset` describes the data for the record (e.g. `embedded mnist`).
+    pub fn new(
+        config: TrainConfig,
+        data: Arc<ImageSet>,
+        dataset: &str,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        config.validate()?;
+        let (c, h, w) = (data.channels(), data.height(), data.width());
+        let f = config.model.downsampling_factor();
+        if c != config.model.in_channels()
+            || c != config.model.out_channels()
+            || h % f != 0
+            || w % f != 0
+        {
+            candle_core::bail!(
+                "the data's images are {c}x{h}x{w}, the model takes {} channel(s) in, gives {} out, at sizes divisible by {f}",
+                config.model.in_channels(),
+                config.model.out_channels()
+            );
+        }
+        let varmap = VarMap::new();
+        let unet = Unet::new(
+            &config.model,
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+        )?;
+        init_seeded(&varmap, config.seed)?;
+        let schedule =
+            Schedule::new(config.schedule).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let forward = ForwardProcess::new(&schedule, device)?;
+        let params = sorted_params(&varmap);
+        let ema = ddpm_unet::varmap_tensors(&varmap)
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.copy()?)))
+            .collect::<candle_core::Result<_>>()?;
+        let opt = AdamW::new(config.optimizer, &params)?;
+        Ok(Self {
+            data: Batches::new(data, config.batch_size, config.seed, config.flip),
+            rng: NoiseSource::with_stream(config.seed, 0),
+            config,
+            device: device.clone(),
+            varmap,
+            unet,
+            params,
+            ema,
+            ema_steps: 0,
+            opt,
+            step: 0,
+            forward,
+            schedule,
+            dataset: dataset.to_string(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The model being trained.
+    pub fn unet(&self) -> &Unet {
+        &self.unet
+    }
+
+    /// The description of the data given at the start.
+    pub fn dataset(&self) -> &str {
+        &self.dataset
+    }
+
+    /// The schedule the model is trained with.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The raw weights (and BatchNorm statistics), by name.
+    pub fn model_tensors(&self) -> HashMap<String, Tensor> {
+        ddpm_unet::varmap_tensors(&self.varmap)
+    }
+
+    /// The EMA weights (BatchNorm statistics follow the raw model's), by name.
+    pub fn ema_tensors(&self) -> &HashMap<String, Tensor> {
+        &self.ema
+    }
+
+    /// The model with the EMA weights, for sampling and export.
+    pub fn ema_unet(&self) -> candle_core::Result<Unet> {
+        Unet::from_tensors(&self.config.model, self.ema.clone(), &self.device)
+    }
+
+    /// The RNG state (for the record; checkpoints carry it).
+    pub fn noise_state(&self) -> NoiseState {
+        self.rng.state()
+    }
+
+    /// Where the data stream stands.
+    pub fn data_position(&self) -> DataPosition {
+        self.data.position()
+    }
+
+    /// Min-SNR-gamma weights for the objective (Hang et al. 2023, eq. 9 and its eps/v forms).
+    fn snr_weights(&self, t: &Tensor, gamma: f64) -> candle_core::Result<Tensor> {
+        let snr = self.forward.tables().gather_rank(Table::Snr, t, 1)?;
+        let clipped = snr.clamp(0f32, gamma as f32)?;
+        match self.config.objective {
+            Prediction::Epsilon => clipped / snr,
+            Prediction::VPrediction => clipped / (snr + 1.0)?,
+            Prediction::Sample => Ok(clipped),
+        }
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches. A non-finite loss returns
+    /// [`TrainError::NonFiniteLoss`] and leaves every weight, moment and the step untouched.
+    pub fn train_step(&mut self) -> Result<StepMetrics, TrainError> {
+        // BatchNorm statistics move during the forward pass, the RNG and data stream as batches
+        // are drawn: keep them to put back if the step fails.
+        let buffers: Vec<(Var, Tensor)> = self
+            .varmap
+            .data()
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|(k, _)| is_buffer(k))
+            .map(|(_, v)| Ok((v.clone(), v.as_tensor().copy()?)))
+            .collect::<candle_core::Result<_>>()?;
+        let (rng, data) = (self.rng.clone(), self.data.clone());
+        let result = self.try_step();
+        if result.is_err() {
+            for (var, saved) in &buffers {
+                var.set(saved)?;
+            }
+            self.rng = rng;
+            self.data = data;
+        }
+        result
+    }
+
+    fn try_step(&mut self) -> Result<StepMetrics, TrainError> {
+        let c = self.config.clone();
+        let next = self.step + 1;
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
+        let mut total_loss = 0.0;
+        for micro in 0..c.grad_accum {
+            let x0 = self.data.next_batch(&self.device)?;
+            let batch = self.forward.training_batch(&x0, &mut self.rng)?;
+            let dropout_seed = c.seed ^ (next << 8) ^ micro as u64;
+            let pred =
+                self.unet
+                    .forward_t(&batch.x_t, &batch.t, Mode::Train { seed: dropout_seed })?;
+            let target = self
+                .forward
+                .target(c.objective, &x0, &batch.noise, &batch.t)?;
+            let mut per_sample = c.loss.per_sample(&pred, &target)?;
+            if let Some(gamma) = c.min_snr_gamma {
+                per_sample = (per_sample * self.snr_weights(&batch.t, gamma)?)?;
+            }
+            let loss = (per_sample.mean_all()? / c.grad_accum as f64)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                return Err(TrainError::NonFiniteLoss { step: next, value });
+            }
+            total_loss += value;
+            let store = loss.backward()?;
+            for (slot, (_, var)) in grads.iter_mut().zip(&self.params) {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&self.params)
+            .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
+            .collect::<candle_core::Result<_>>()?;
+        let mut sq = 0.0f64;
+        for g in &grads {
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+        let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFiniteLoss {
+                step: next,
+                value: grad_norm,
+            });
+        }
+        let scale = match c.grad_clip {
+            Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+            _ => 1.0,
+        };
+        let lr = c.lr_at(self.step);
+        self.opt.step(&self.params, &grads, scale, lr)?;
+        self.step = next;
+        let ema_decay = self.ema_update()?;
+        Ok(StepMetrics {
+            step: next,
+            loss: total_loss,
+            lr,
+            grad_norm,
+            ema_decay,
+        })
+    }
+
+    /// diffusers' `EMAModel.step`: parameters follow with the scheduled decay, buffers copy.
+    fn ema_update(&mut self) -> candle_core::Result<f64> {
+        self.ema_steps += 1;
+        let decay = self.config.ema.decay(self.ema_steps);
+        let current = self.model_tensors();
+        for (name, t) in current {
+            let updated = if is_buffer(&name) {
+                t.copy()?
+            } else {
+                ema_step(&self.ema[&name], &t, decay)?
+            };
+            self.ema.insert(name, updated);
+        }
+        Ok(decay)
+    }
+}
+
+pub(crate) fn sorted_params(varmap: &VarMap) -> Vec<(String, Var)> {
+    let mut params: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .filter(|(k, _)| !is_buffer(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    params
+}
+
+impl Loss {
+    /// The loss of each sample of a batch, `[B]`: the element-wise loss averaged over all but
+    /// the first dimension (PyTorch's `reduction="mean"` per sample).
+    pub fn per_sample(&self, pred: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
+        let diff = (pred - target)?;
+        let elementwise = match *self {
+            Loss::L1 => diff.abs()?,
+            Loss::L2 => diff.sqr()?,
+            // PyTorch's huber_loss: 0.5 x^2 within delta, delta (|x| - delta / 2) beyond.
+            Loss::Huber { delta } => {
+                let a = diff.abs()?;
+                let quadratic = (diff.sqr()? * 0.5)?;
+                let linear = ((&a - delta / 2.0)? * delta)?;
+                a.le(delta)?.where_cond(&quadratic, &linear)?
+            }
+        };
+        elementwise.flatten_from(1)?.mean(1)
+    }
+}

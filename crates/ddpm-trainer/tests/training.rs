@@ -1,0 +1,355 @@
+//! Training end to end on tiny models: learning, exact resume, safe checkpoints, NaN stops.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use ddpm_data::ImageSet;
+use ddpm_trainer::{Loss, TrainConfig, TrainError, Trainer, atomic_write, list_checkpoints, run};
+use ddpm_unet::UnetConfig;
+
+/// Digits at 16x16, so the tests stay fast (the model and code paths are those of 32x32).
+fn digits(n: usize) -> Arc<ImageSet> {
+    Arc::new(ImageSet::embedded_mnist().unwrap().take(n).resize_to(16))
+}
+
+/// The `tiny` recipe with an even smaller SimpleUnet (8, 16, 32 channels).
+fn tiny() -> TrainConfig {
+    let mut config = TrainConfig::preset("tiny").unwrap();
+    config.model = UnetConfig::Simple(ddpm_unet::SimpleUnetConfig::with_channels(1, &[8, 16, 32]));
+    config
+}
+
+/// A small UNet2DModel with dropout and attention, for configurations BatchNorm does not cover.
+fn tiny_unet2d() -> UnetConfig {
+    let text = std::fs::read_to_string(ddpm_testutil::reference_path(
+        "unet/diffusers_tiny/config.json",
+    ))
+    .unwrap();
+    let mut config = UnetConfig::from_json(&text).unwrap();
+    if let UnetConfig::Unet2d(c) = &mut config {
+        c.dropout = 0.1;
+    }
+    config
+}
+
+fn bits(t: &HashMap<String, Tensor>) -> Vec<(String, Vec<u32>)> {
+    let mut v: Vec<(String, Vec<u32>)> = t
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_tiny_model_learns_on_the_embedded_digits() {
+    let mut config = tiny();
+    config.steps = 40;
+    config.batch_size = 16;
+    config.optimizer.lr = 3e-3;
+    let mut trainer = Trainer::new(config, digits(512), "embedded mnist", &Device::Cpu).unwrap();
+    let losses: Vec<f64> = (0..40)
+        .map(|_| trainer.train_step().unwrap().loss)
+        .collect();
+    let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = losses[35..].iter().sum::<f64>() / 5.0;
+    assert!(
+        last < 0.75 * first,
+        "loss did not fall: first {first:.4}, last {last:.4} ({losses:?})"
+    );
+}
+
+fn check_resume_is_exact(config: TrainConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits(64);
+    let device = Device::Cpu;
+    let mut straight = Trainer::new(config.clone(), data.clone(), "d", &device).unwrap();
+    for _ in 0..6 {
+        straight.train_step().unwrap();
+    }
+    let mut first = Trainer::new(config, data.clone(), "d", &device).unwrap();
+    for _ in 0..3 {
+        first.train_step().unwrap();
+    }
+    let path = dir.path().join("ck.safetensors");
+    first.save_checkpoint(&path).unwrap();
+    drop(first);
+    let mut resumed = Trainer::resume(&path, data, &device, None).unwrap();
+    assert_eq!(resumed.step(), 3);
+    for _ in 0..3 {
+        resumed.train_step().unwrap();
+    }
+    assert_eq!(resumed.step(), 6);
+    assert!(
+        bits(&straight.model_tensors()) == bits(&resumed.model_tensors()),
+        "weights differ after resume"
+    );
+    assert!(
+        bits(straight.ema_tensors()) == bits(resumed.ema_tensors()),
+        "EMA differs after resume"
+    );
+    assert_eq!(straight.noise_state(), resumed.noise_state());
+    assert_eq!(straight.data_position(), resumed.data_position());
+    // And the optimizer moments, through a second checkpoint of each.
+    let (a, b) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    straight.save_checkpoint(&a).unwrap();
+    resumed.save_checkpoint(&b).unwrap();
+    let load = |p: &std::path::Path| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    assert!(bits(&load(&a)) == bits(&load(&b)), "checkpoints differ");
+}
+
+#[test]
+fn resume_is_bitwise_exact_with_batchnorm() {
+    let mut config = tiny();
+    config.steps = 6;
+    config.warmup_steps = 2;
+    config.lr_schedule = ddpm_trainer::LrSchedule::Cosine;
+    config.flip = true;
+    check_resume_is_exact(config);
+}
+
+#[test]
+fn resume_is_bitwise_exact_with_dropout_accumulation_clipping_and_min_snr() {
+    let mut config = tiny();
+    config.model = tiny_unet2d();
+    config.steps = 6;
+    config.batch_size = 4;
+    config.grad_accum = 2;
+    config.grad_clip = Some(0.5);
+    config.min_snr_gamma = Some(5.0);
+    config.loss = Loss::Huber { delta: 0.1 };
+    config.objective = ddpm_forward::Prediction::VPrediction;
+    config.optimizer.weight_decay = 0.01;
+    check_resume_is_exact(config);
+}
+
+#[test]
+fn an_interrupted_checkpoint_write_never_replaces_the_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut trainer = Trainer::new(tiny(), digits(32), "d", &Device::Cpu).unwrap();
+    trainer.train_step().unwrap();
+    let path = dir.path().join("step-00000001.safetensors");
+    trainer.save_checkpoint(&path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+
+    // A write that dies half-way (disk full, killed process): the old file stays, whole.
+    let err = atomic_write(&path, |f| {
+        use std::io::Write;
+        f.write_all(&good[..good.len() / 2])?;
+        Err(std::io::Error::other("simulated crash mid-write"))
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("simulated"));
+    assert_eq!(std::fs::read(&path).unwrap(), good);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["step-00000001.safetensors".to_string()],
+        "temporary file left behind"
+    );
+
+    // A crash that leaves the temporary file behind: it is not a checkpoint, the good one loads.
+    std::fs::write(
+        dir.path().join(".step-00000002.safetensors.tmp"),
+        &good[..100],
+    )
+    .unwrap();
+    let found = list_checkpoints(dir.path()).unwrap();
+    assert_eq!(found, vec![(1, path.clone())]);
+    let resumed = Trainer::resume(&path, digits(32), &Device::Cpu, None).unwrap();
+    assert_eq!(resumed.step(), 1);
+}
+
+#[test]
+fn corrupt_or_foreign_checkpoints_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, b"garbage").unwrap();
+    let err = Trainer::resume(&bad, digits(8), &Device::Cpu, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bad.safetensors"), "{err}");
+    // A diffusers weights file is a safetensors file but not a checkpoint.
+    let weights =
+        ddpm_testutil::reference_path("unet/diffusers_tiny/diffusion_pytorch_model.safetensors");
+    let err = Trainer::resume(&weights, digits(8), &Device::Cpu, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("diffusion_pytorch_model.safetensors") && err.contains("format"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny();
+    config.steps = 50;
+    config.checkpoint_every = 1;
+    config.optimizer.lr = 1e30;
+    let mut trainer = Trainer::new(config, digits(32), "d", &Device::Cpu).unwrap();
+    let err = run(&mut trainer, dir.path(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at step"), "{err}");
+    let step: u64 = err
+        .split("at step ")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let checkpoints = list_checkpoints(&dir.path().join("checkpoints")).unwrap();
+    let (last, path) = checkpoints
+        .last()
+        .cloned()
+        .expect("a checkpoint before the failure");
+    assert_eq!(
+        last,
+        step - 1,
+        "the last checkpoint is the step before the NaN"
+    );
+    let resumed = Trainer::resume(&path, digits(32), &Device::Cpu, None).unwrap();
+    assert_eq!(resumed.step(), step - 1);
+
+    // The same through train_step directly: the error names the step and nothing moves.
+    let mut t = Trainer::resume(&path, digits(32), &Device::Cpu, None).unwrap();
+    let before = bits(&t.model_tensors());
+    match t.train_step() {
+        Err(TrainError::NonFiniteLoss { step: s, .. }) => assert_eq!(s, step),
+        other => panic!("expected a non-finite loss, got {other:?}"),
+    }
+    assert!(before == bits(&t.model_tensors()));
+    assert_eq!(t.step(), step - 1);
+}
+
+#[test]
+fn a_run_writes_its_outputs_and_continues_after_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny();
+    config.steps = 6;
+    config.checkpoint_every = 2;
+    config.keep_checkpoints = 2;
+    config.sample_every = 3;
+    let mut trainer = Trainer::new(config, digits(32), "embedded mnist", &Device::Cpu).unwrap();
+    let summary = run(&mut trainer, dir.path(), false).unwrap();
+    assert_eq!(summary.steps, 6);
+    let steps: Vec<u64> = list_checkpoints(&dir.path().join("checkpoints"))
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(steps, vec![4, 6], "keeps the last two");
+    assert!(summary.checkpoint.ends_with("step-00000006.safetensors"));
+    let metrics = std::fs::read_to_string(&summary.metrics).unwrap();
+    assert_eq!(metrics.lines().count(), 6);
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    for key in [
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "ema_decay",
+        "images_per_second",
+    ] {
+        assert!(
+            first.get(key).is_some(),
+            "metrics line lacks {key}: {first}"
+        );
+    }
+    let svg = std::fs::read_to_string(&summary.loss_curve).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline"),
+        "{}",
+        &svg[..svg.len().min(200)]
+    );
+    for step in [3, 6] {
+        let png = image::open(dir.path().join(format!("samples/step-{step:08}.png"))).unwrap();
+        assert_eq!(
+            (png.width(), png.height()),
+            (4 * 18 + 2, 18 + 2),
+            "four 16x16 samples in a row"
+        );
+    }
+    let config_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config_json["dataset"], "embedded mnist");
+    assert_eq!(config_json["train"]["steps"], 6);
+
+    // Resume to 8 steps: metrics continue, a stale line past the checkpoint is dropped.
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&summary.metrics)
+        .unwrap();
+    writeln!(f, "{{\"step\": 7, \"loss\": 0.5}}").unwrap();
+    let mut resumed =
+        Trainer::resume(&summary.checkpoint, digits(32), &Device::Cpu, Some(8)).unwrap();
+    let again = run(&mut resumed, dir.path(), false).unwrap();
+    assert_eq!(again.steps, 8);
+    let steps: Vec<u64> = std::fs::read_to_string(&again.metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<u64>>());
+}
+
+#[test]
+fn bad_configs_and_mismatched_data_are_errors() {
+    let mut config = tiny();
+    config.steps = 0;
+    let err = Trainer::new(config, digits(8), "d", &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("steps must be positive, got 0"), "{err}");
+    let mut config = tiny();
+    config.optimizer.beta1 = 1.5;
+    assert!(
+        Trainer::new(config, digits(8), "d", &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+            .contains("betas")
+    );
+    // RGB data into a 1-channel model.
+    let rgb = Arc::new(ImageSet::from_pixels(vec![0; 3 * 32 * 32], 1, 3, 32, 32, None).unwrap());
+    let err = Trainer::new(tiny(), rgb, "d", &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("3x32x32") && err.contains("1 channel"),
+        "{err}"
+    );
+    assert!(
+        TrainConfig::preset("huge")
+            .unwrap_err()
+            .to_string()
+            .contains("\"huge\"")
+    );
+}
