@@ -1,7 +1,9 @@
 //! `cargo xtask`: project automation for ddpm (matklad's cargo-xtask pattern).
 //!
-//! Thin by design: a clap enum of subcommands that run cargo through `$CARGO`.
+//! Thin by design: a clap enum of subcommands that run cargo, or the `ddpm` binary through
+//! `cargo run --release`, from the workspace root.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -19,6 +21,46 @@ struct Args {
 enum Cmd {
     /// Everything `.ci/run` checks, cheapest first: formatting, lints, then the test suite.
     Ci,
+    /// Train: with no arguments the default recipe on the embedded digits, offline, into
+    /// runs/mnist. Takes every `ddpm train` argument (see `cargo xtask train --help`).
+    #[command(disable_help_flag = true)]
+    Train {
+        /// Arguments for `ddpm train`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Export a run as a diffusers folder (RUN/export unless --out); takes `ddpm export`'s
+    /// arguments.
+    #[command(disable_help_flag = true)]
+    Export {
+        /// The run folder and any `ddpm export` arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Golden-image regression checks against assets/golden (--bless rewrites them).
+    Golden {
+        /// Rewrite the goldens from this machine's rendering.
+        #[arg(long)]
+        bless: bool,
+    },
+    /// Datasets on the Hugging Face hub.
+    Dataset {
+        #[command(subcommand)]
+        command: DatasetCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatasetCmd {
+    /// Download a dataset (mnist, fashion-mnist, cifar10, stanford-cars or owner/name) into the
+    /// HF cache and check it opens.
+    Download {
+        /// The dataset.
+        name: String,
+        /// The split.
+        #[arg(long, default_value = "train")]
+        split: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -28,6 +70,31 @@ fn main() -> Result<()> {
 fn run(args: Args) -> Result<()> {
     match args.command {
         Cmd::Ci => ci(),
+        Cmd::Train { args } => ddpm("train", args),
+        Cmd::Export { args } => {
+            if args.is_empty() {
+                bail!("usage: cargo xtask export RUN [ddpm export options]");
+            }
+            ddpm("export", args)
+        }
+        Cmd::Golden { bless } => {
+            let mut a: Vec<OsString> = Vec::new();
+            if bless {
+                a.push("--bless".into());
+            }
+            ddpm("golden", a)
+        }
+        Cmd::Dataset {
+            command: DatasetCmd::Download { name, split },
+        } => ddpm(
+            "dataset",
+            vec![
+                "download".into(),
+                name.into(),
+                "--split".into(),
+                split.into(),
+            ],
+        ),
     }
 }
 
@@ -46,10 +113,37 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
+/// `ddpm SUBCOMMAND ARGS...`, built in release (training and sampling want it).
+fn ddpm(subcommand: &str, args: Vec<OsString>) -> Result<()> {
+    let mut all: Vec<OsString> = [
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "ddpm-cli",
+        "--bin",
+        "ddpm",
+        "--",
+        subcommand,
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    all.extend(args);
+    let status = Command::new(cargo_path())
+        .args(&all)
+        .current_dir(project_root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("ddpm {subcommand} failed ({status})");
+    }
+    Ok(())
+}
+
 fn cargo(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("$ cargo {}", args.join(" "));
-    let status = Command::new(cargo)
+    let status = Command::new(cargo_path())
         .args(args)
         .current_dir(project_root())
         .status()
@@ -58,6 +152,10 @@ fn cargo(args: &[&str]) -> Result<()> {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
     Ok(())
+}
+
+fn cargo_path() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
 }
 
 fn project_root() -> PathBuf {

@@ -86,6 +86,14 @@ impl Batches {
 
     /// The next batch, `[B, C, H, W]` in `[-1, 1]`.
     pub fn next_batch(&mut self, device: &Device) -> candle_core::Result<Tensor> {
+        Ok(self.next_batch_with_indices(device)?.0)
+    }
+
+    /// The next batch and the dataset index of each of its images (to look up labels).
+    pub fn next_batch_with_indices(
+        &mut self,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Vec<usize>)> {
         if self.set.is_empty() {
             candle_core::bail!("the dataset is empty");
         }
@@ -103,6 +111,7 @@ impl Batches {
             flips.push(self.flips[self.position.index]);
             self.position.index += 1;
         }
-        self.set.batch(&indices, &flips, device)
+        let batch = self.set.batch(&indices, &flips, device)?;
+        Ok((batch, indices))
     }
 }

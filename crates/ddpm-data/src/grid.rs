@@ -56,10 +56,14 @@ pub fn write_png(img: &DynamicImage, path: &Path) -> Result<(), DataError> {
 }
 
 /// Tiles a `[B, C, H, W]` batch in `[-1, 1]` into a grid of `ncols` columns with a 2-pixel
-/// border, and saves it as PNG.
+/// white border.
+pub fn grid_image(x: &Tensor, ncols: usize) -> Result<DynamicImage, DataError> {
+    Ok(tile(&tensor_to_images(x)?, ncols.max(1)))
+}
+
+/// [`grid_image`], saved as PNG.
 pub fn write_grid_png(x: &Tensor, ncols: usize, path: &Path) -> Result<(), DataError> {
-    let images = tensor_to_images(x)?;
-    write_png(&tile(&images, ncols.max(1)), path)
+    write_png(&grid_image(x, ncols)?, path)
 }
 
 /// One row of images (the forward-process strip, the denoising progression).

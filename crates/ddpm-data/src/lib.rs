@@ -35,7 +35,8 @@ mod sources;
 use std::path::PathBuf;
 
 pub use batches::{Batches, DataPosition};
-pub use grid::{tensor_to_images, write_grid_png, write_png, write_strip_png};
+pub use grid::{grid_image, tensor_to_images, write_grid_png, write_png, write_strip_png};
+pub use sources::parquet_summary;
 
 /// Why data could not be loaded. Every variant names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +157,25 @@ impl ImageSet {
         &self.pixels[i * n..(i + 1) * n]
     }
 
+    /// Appends `other` (e.g. the next shard of a dataset); sizes and channels must match, and
+    /// both or neither must have labels.
+    pub fn extend(&mut self, other: ImageSet) -> Result<(), String> {
+        if (other.channels, other.height, other.width) != (self.channels, self.height, self.width) {
+            return Err(format!(
+                "cannot join {}x{}x{} images to {}x{}x{} ones",
+                other.channels, other.height, other.width, self.channels, self.height, self.width
+            ));
+        }
+        match (&mut self.labels, other.labels) {
+            (Some(a), Some(b)) => a.extend(b),
+            (None, None) => {}
+            _ => return Err("cannot join labelled and unlabelled images".into()),
+        }
+        self.pixels.extend(other.pixels);
+        self.len += other.len;
+        Ok(())
+    }
+
     /// The first `n` images (all of them if there are fewer).
     pub fn take(mut self, n: usize) -> Self {
         let n = n.min(self.len);
@@ -165,6 +185,18 @@ impl ImageSet {
             l.truncate(n);
         }
         self.len = n;
+        self
+    }
+
+    /// All but the first `n` images.
+    pub fn skip(mut self, n: usize) -> Self {
+        let n = n.min(self.len);
+        self.pixels
+            .drain(..n * self.channels * self.height * self.width);
+        if let Some(l) = &mut self.labels {
+            l.drain(..n);
+        }
+        self.len -= n;
         self
     }
 

@@ -310,3 +310,45 @@ fn push_chw(out: &mut Vec<u8>, img: &DynamicImage, channels: usize) {
         }
     }
 }
+
+/// The number of rows and the top-level column names of a parquet file, after decoding its first
+/// image (a quick check that a download is usable).
+pub fn parquet_summary(path: &Path) -> Result<(usize, Vec<String>), DataError> {
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| format_err(path, format!("not a parquet file: {e}")))?;
+    let meta = reader.metadata().file_metadata();
+    let rows = meta.num_rows() as usize;
+    let columns: Vec<String> = meta
+        .schema_descr()
+        .root_schema()
+        .get_fields()
+        .iter()
+        .map(|f| f.name().to_string())
+        .collect();
+    if let Some(column) = ["image", "img"]
+        .iter()
+        .find(|c| columns.iter().any(|f| f == *c))
+    {
+        let first = reader
+            .get_row_iter(None)
+            .map_err(|e| format_err(path, e.to_string()))?
+            .next()
+            .transpose()
+            .map_err(|e| format_err(path, e.to_string()))?;
+        if let Some(row) = first {
+            let bytes = row
+                .get_column_iter()
+                .find(|(n, _)| n.as_str() == *column)
+                .and_then(|(_, f)| image_bytes(f));
+            let bytes = bytes.ok_or_else(|| {
+                format_err(path, format!("column {column:?} holds no image bytes"))
+            })?;
+            image::load_from_memory(bytes).map_err(|e| DataError::Decode {
+                path: format!("{}#row0", path.display()),
+                message: e.to_string(),
+            })?;
+        }
+    }
+    Ok((rows, columns))
+}

@@ -126,7 +126,7 @@ fn shape_mismatch_is_an_error() {
     assert!(err.contains("timestep 300"), "{err}");
 }
 
-/// FNV-1a over the bits of a seeded training batch.
+/// A hash of the bits of a seeded training batch.
 fn batch_fingerprint() -> u64 {
     let forward = ForwardProcess::new(
         &Schedule::new(ScheduleConfig::seed_linear()).unwrap(),
@@ -136,50 +136,16 @@ fn batch_fingerprint() -> u64 {
     let mut rng = NoiseSource::new(2024);
     let x0 = rng.randn((16, 3, 32, 32), &Device::Cpu).unwrap();
     let batch = forward.training_batch(&x0, &mut rng).unwrap();
-    let mut h = 0xcbf29ce484222325u64;
     let t: Vec<u32> = batch.t.to_vec1().unwrap();
-    for v in flat(&batch.x_t).iter().map(|x| x.to_bits()).chain(t) {
-        h = (h ^ v as u64).wrapping_mul(0x100000001b3);
-    }
-    h
+    ddpm_testutil::fnv1a(flat(&batch.x_t).iter().map(|x| x.to_bits()).chain(t))
 }
-
-const CHILD_ENV: &str = "DDPM_FORWARD_FINGERPRINT_CHILD";
 
 #[test]
 fn q_sample_is_bitwise_identical_across_runs_and_thread_counts() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        println!("fingerprint={:016x}", batch_fingerprint());
-        return;
-    }
-    let here = format!("{:016x}", batch_fingerprint());
-    assert_eq!(
-        here,
-        format!("{:016x}", batch_fingerprint()),
-        "two runs in one process differ"
+    ddpm_testutil::assert_same_across_thread_counts(
+        "q_sample_is_bitwise_identical_across_runs_and_thread_counts",
+        "DDPM_FORWARD_FINGERPRINT_CHILD",
+        &["1", "2", "5"],
+        batch_fingerprint,
     );
-    let exe = std::env::current_exe().unwrap();
-    for threads in ["1", "2", "5"] {
-        let out = std::process::Command::new(&exe)
-            .args([
-                "--exact",
-                "q_sample_is_bitwise_identical_across_runs_and_thread_counts",
-                "--nocapture",
-            ])
-            .env(CHILD_ENV, "1")
-            .env("RAYON_NUM_THREADS", threads)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "child failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("fingerprint="))
-            .unwrap_or_else(|| panic!("no fingerprint in {stdout}"));
-        assert_eq!(line, here, "RAYON_NUM_THREADS={threads} gives other bits");
-    }
 }

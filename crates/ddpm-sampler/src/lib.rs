@@ -112,6 +112,32 @@ fn predict(
     })
 }
 
+fn timestep_at(timesteps: &[usize], index: usize) -> candle_core::Result<usize> {
+    timesteps.get(index).copied().ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "step index {index} out of range 0..{}",
+            timesteps.len()
+        ))
+    })
+}
+
+/// Standard normal noise shaped like `sample` when `needed`, drawing nothing otherwise so the
+/// stream stays aligned.
+fn draw_noise(
+    needed: bool,
+    sample: &Tensor,
+    rng: &mut NoiseSource,
+) -> candle_core::Result<Option<Tensor>> {
+    if needed {
+        Ok(Some(
+            rng.randn(sample.shape(), sample.device())?
+                .to_dtype(sample.dtype())?,
+        ))
+    } else {
+        Ok(None)
+    }
+}
+
 fn clip(x0: Tensor, on: bool, range: f64) -> candle_core::Result<Tensor> {
     if on {
         x0.clamp(-range as f32, range as f32)
@@ -166,10 +192,7 @@ impl DdpmSampler {
         noise: Option<&Tensor>,
     ) -> candle_core::Result<StepOutput> {
         let c = &self.config;
-        let t = *self
-            .timesteps
-            .get(index)
-            .ok_or_else(|| candle_core::Error::Msg(format!("step index {index} out of range")))?;
+        let t = timestep_at(&self.timesteps, index)?;
         let abar_t = self.abar[t];
         let abar_prev = match self.timesteps.get(index + 1) {
             Some(&p) => self.abar[p],
@@ -215,14 +238,9 @@ impl Scheduler for DdpmSampler {
         sample: &Tensor,
         rng: &mut NoiseSource,
     ) -> candle_core::Result<StepOutput> {
-        let noise = if self.timesteps.get(index).is_some_and(|&t| t > 0) {
-            Some(
-                rng.randn(sample.shape(), sample.device())?
-                    .to_dtype(sample.dtype())?,
-            )
-        } else {
-            None
-        };
+        // DDPM adds no noise at t = 0, so draws none there.
+        let needed = self.timesteps.get(index).is_some_and(|&t| t > 0);
+        let noise = draw_noise(needed, sample, rng)?;
         self.step_with_noise(index, model_output, sample, noise.as_ref())
     }
 }
@@ -280,10 +298,7 @@ impl DdimSampler {
         noise: Option<&Tensor>,
     ) -> candle_core::Result<StepOutput> {
         let c = &self.config;
-        let t = *self
-            .timesteps
-            .get(index)
-            .ok_or_else(|| candle_core::Error::Msg(format!("step index {index} out of range")))?;
+        let t = timestep_at(&self.timesteps, index)?;
         // As diffusers: the previous timestep is t - T / n, whatever the spacing.
         let abar_t = self.abar[t];
         let abar_prev = match t.checked_sub(self.step_ratio) {
@@ -327,14 +342,7 @@ impl Scheduler for DdimSampler {
         sample: &Tensor,
         rng: &mut NoiseSource,
     ) -> candle_core::Result<StepOutput> {
-        let noise = if self.config.eta > 0.0 {
-            Some(
-                rng.randn(sample.shape(), sample.device())?
-                    .to_dtype(sample.dtype())?,
-            )
-        } else {
-            None
-        };
+        let noise = draw_noise(self.config.eta > 0.0, sample, rng)?;
         self.step_with_noise(index, model_output, sample, noise.as_ref())
     }
 }

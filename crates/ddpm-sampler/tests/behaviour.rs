@@ -31,7 +31,7 @@ fn seed_schedule() -> Schedule {
     Schedule::new(ScheduleConfig::seed_linear()).unwrap()
 }
 
-/// FNV-1a over the bits of a 20-step DDPM and a 5-step eta = 1 DDIM run from seed 7.
+/// A hash of the bits of a 20-step DDPM and a 5-step eta = 1 DDIM run from seed 7.
 fn sampling_fingerprint() -> u64 {
     let unet = tiny_unet();
     let schedule = seed_schedule();
@@ -44,52 +44,24 @@ fn sampling_fingerprint() -> u64 {
     )
     .unwrap();
     let ddim = DdimSampler::new(&schedule, DdimConfig::new(5, 1.0)).unwrap();
-    let mut h = 0xcbf29ce484222325u64;
     let mut rng = NoiseSource::new(7);
+    let mut bits = Vec::new();
     for s in [&ddpm as &dyn Scheduler, &ddim] {
         let init = rng.randn((3, 1, 16, 16), &Device::Cpu).unwrap();
         let out = sample(&unet, s, init, &mut rng, |_| {}).unwrap();
-        for v in flat(&out) {
-            h = (h ^ v.to_bits() as u64).wrapping_mul(0x100000001b3);
-        }
+        bits.extend(flat(&out).iter().map(|v| v.to_bits()));
     }
-    h
+    ddpm_testutil::fnv1a(bits)
 }
-
-const CHILD_ENV: &str = "DDPM_SAMPLER_FINGERPRINT_CHILD";
 
 #[test]
 fn same_seed_same_image_across_runs_and_thread_counts() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        println!("fingerprint={:016x}", sampling_fingerprint());
-        return;
-    }
-    let here = format!("{:016x}", sampling_fingerprint());
-    assert_eq!(here, format!("{:016x}", sampling_fingerprint()));
-    let exe = std::env::current_exe().unwrap();
-    for threads in ["1", "3"] {
-        let out = std::process::Command::new(&exe)
-            .args([
-                "--exact",
-                "same_seed_same_image_across_runs_and_thread_counts",
-                "--nocapture",
-            ])
-            .env(CHILD_ENV, "1")
-            .env("RAYON_NUM_THREADS", threads)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("fingerprint="))
-            .unwrap();
-        assert_eq!(line, here, "RAYON_NUM_THREADS={threads}");
-    }
+    ddpm_testutil::assert_same_across_thread_counts(
+        "same_seed_same_image_across_runs_and_thread_counts",
+        "DDPM_SAMPLER_FINGERPRINT_CHILD",
+        &["1", "3"],
+        sampling_fingerprint,
+    );
 }
 
 #[test]

@@ -102,3 +102,54 @@ pub fn diffusers_f32_rtol(betas: &[f64]) -> Vec<(f64, f64)> {
         })
         .collect()
 }
+
+/// Runs `fingerprint` here, twice, and in child processes of this test binary with
+/// `RAYON_NUM_THREADS` set to each of `threads`, and asserts every run gave the same value.
+///
+/// Call it from the test named `test_name`; in the children (marked by the variable
+/// `child_env`) it prints the fingerprint and returns.
+#[track_caller]
+pub fn assert_same_across_thread_counts(
+    test_name: &str,
+    child_env: &str,
+    threads: &[&str],
+    fingerprint: impl Fn() -> u64,
+) {
+    if std::env::var_os(child_env).is_some() {
+        println!("fingerprint={:016x}", fingerprint());
+        return;
+    }
+    let here = format!("{:016x}", fingerprint());
+    assert_eq!(
+        here,
+        format!("{:016x}", fingerprint()),
+        "two runs in one process differ"
+    );
+    let exe = std::env::current_exe().expect("the test binary's path");
+    for n in threads {
+        let out = std::process::Command::new(&exe)
+            .args(["--exact", test_name, "--nocapture"])
+            .env(child_env, "1")
+            .env("RAYON_NUM_THREADS", n)
+            .output()
+            .expect("the test binary runs");
+        assert!(
+            out.status.success(),
+            "child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("fingerprint="))
+            .unwrap_or_else(|| panic!("no fingerprint in {stdout}"));
+        assert_eq!(line, here, "RAYON_NUM_THREADS={n} gives other bits");
+    }
+}
+
+/// FNV-1a over 32-bit words.
+pub fn fnv1a(words: impl IntoIterator<Item = u32>) -> u64 {
+    words.into_iter().fold(0xcbf29ce484222325u64, |h, w| {
+        (h ^ w as u64).wrapping_mul(0x100000001b3)
+    })
+}

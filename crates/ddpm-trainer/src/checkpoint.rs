@@ -137,57 +137,20 @@ impl Trainer {
         device: &Device,
         steps: Option<u64>,
     ) -> candle_core::Result<Self> {
+        let ck = Checkpoint::read(path, device)?;
         let ctx = |e: String| msg(format!("checkpoint {}: {e}", path.display()));
-        let bytes = std::fs::read(path).map_err(|e| ctx(e.to_string()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| ctx(format!("not a safetensors file: {e}")))?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        let get = |key: &str| {
-            meta.get(key)
-                .cloned()
-                .ok_or_else(|| ctx(format!("metadata {key:?} is missing")))
-        };
-        if get("format")? != CHECKPOINT_FORMAT {
-            return Err(ctx(format!(
-                "format {:?} is not {CHECKPOINT_FORMAT}",
-                meta.get("format")
-            )));
-        }
-        let parse_u64 = |key: &str| -> candle_core::Result<u64> {
-            get(key)?
-                .parse()
-                .map_err(|e| ctx(format!("metadata {key}: {e}")))
-        };
-        let mut config: TrainConfig =
-            serde_json::from_str(&get("config")?).map_err(|e| ctx(format!("config: {e}")))?;
+        let mut config = ck.config.clone();
         if let Some(s) = steps {
             config.steps = s;
         }
-        let rng: NoiseState =
-            serde_json::from_str(&get("rng")?).map_err(|e| ctx(format!("rng: {e}")))?;
-        let position: DataPosition =
-            serde_json::from_str(&get("data")?).map_err(|e| ctx(format!("data: {e}")))?;
-        let dataset = get("dataset")?;
-        let all = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| ctx(e.to_string()))?;
-        let mut groups: HashMap<&str, HashMap<String, Tensor>> = HashMap::new();
-        for (name, t) in all {
-            let (group, rest) = name
-                .split_once('/')
-                .ok_or_else(|| ctx(format!("unexpected tensor {name}")))?;
-            let group = match group {
-                "model" => "model",
-                "ema" => "ema",
-                "adam_m" => "adam_m",
-                "adam_v" => "adam_v",
-                other => return Err(ctx(format!("unexpected tensor group {other:?}"))),
-            };
-            groups.entry(group).or_default().insert(rest.to_string(), t);
-        }
-        let mut take = |g: &str| groups.remove(g).unwrap_or_default();
-        let (model, ema, m, v) = (take("model"), take("ema"), take("adam_m"), take("adam_v"));
-
-        let mut trainer = Trainer::new(config, data, &dataset, device)?;
+        let Checkpoint {
+            model,
+            ema,
+            adam_m: m,
+            adam_v: v,
+            ..
+        } = ck.clone();
+        let mut trainer = Trainer::new(config, data, &ck.dataset, device)?;
         // Every tensor the model has must be in the checkpoint with its shape (checked load).
         ddpm_unet::Unet::from_tensors(&trainer.config.model, model.clone(), device)
             .map_err(|e| ctx(format!("model: {e}")))?;
@@ -215,13 +178,103 @@ impl Trainer {
             config: trainer.config.optimizer,
             m,
             v,
-            t: parse_u64("adam_step")?,
+            t: ck.adam_step,
         };
-        trainer.ema_steps = parse_u64("ema_step")?;
-        trainer.step = parse_u64("step")?;
-        trainer.rng = NoiseSource::from_state(&rng);
-        trainer.data = trainer.data.clone().with_position(position);
+        trainer.ema_steps = ck.ema_step;
+        trainer.step = ck.step;
+        trainer.rng = NoiseSource::from_state(&ck.rng);
+        trainer.data = trainer.data.clone().with_position(ck.data);
         Ok(trainer)
+    }
+}
+
+/// The contents of a checkpoint file.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The run's configuration.
+    pub config: TrainConfig,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// AdamW's step count.
+    pub adam_step: u64,
+    /// EMA updates made.
+    pub ema_step: u64,
+    /// The data description.
+    pub dataset: String,
+    /// The RNG state.
+    pub rng: NoiseState,
+    /// The data position.
+    pub data: DataPosition,
+    /// Raw weights and BatchNorm statistics.
+    pub model: HashMap<String, Tensor>,
+    /// EMA weights.
+    pub ema: HashMap<String, Tensor>,
+    /// AdamW first moments.
+    pub adam_m: HashMap<String, Tensor>,
+    /// AdamW second moments.
+    pub adam_v: HashMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    /// Reads a checkpoint written by [`Trainer::save_checkpoint`]; anything else is an error
+    /// naming the file.
+    pub fn read(path: &Path, device: &Device) -> candle_core::Result<Self> {
+        let ctx = |e: String| msg(format!("checkpoint {}: {e}", path.display()));
+        let bytes = std::fs::read(path).map_err(|e| ctx(e.to_string()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| ctx(format!("not a safetensors file: {e}")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let get = |key: &str| {
+            meta.get(key)
+                .cloned()
+                .ok_or_else(|| ctx(format!("metadata {key:?} is missing")))
+        };
+        if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
+            return Err(ctx(format!(
+                "format {:?} is not {CHECKPOINT_FORMAT} (not a ddpm training checkpoint)",
+                meta.get("format")
+            )));
+        }
+        let parse_u64 = |key: &str| -> candle_core::Result<u64> {
+            get(key)?
+                .parse()
+                .map_err(|e| ctx(format!("metadata {key}: {e}")))
+        };
+        let config: TrainConfig =
+            serde_json::from_str(&get("config")?).map_err(|e| ctx(format!("config: {e}")))?;
+        let rng: NoiseState =
+            serde_json::from_str(&get("rng")?).map_err(|e| ctx(format!("rng: {e}")))?;
+        let data: DataPosition =
+            serde_json::from_str(&get("data")?).map_err(|e| ctx(format!("data: {e}")))?;
+        let all = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| ctx(e.to_string()))?;
+        let mut groups: HashMap<String, HashMap<String, Tensor>> = HashMap::new();
+        for (name, t) in all {
+            let (group, rest) = name
+                .split_once('/')
+                .ok_or_else(|| ctx(format!("unexpected tensor {name}")))?;
+            if !matches!(group, "model" | "ema" | "adam_m" | "adam_v") {
+                return Err(ctx(format!("unexpected tensor group {group:?}")));
+            }
+            groups
+                .entry(group.to_string())
+                .or_default()
+                .insert(rest.to_string(), t);
+        }
+        let mut take = |g: &str| groups.remove(g).unwrap_or_default();
+        Ok(Self {
+            config,
+            step: parse_u64("step")?,
+            adam_step: parse_u64("adam_step")?,
+            ema_step: parse_u64("ema_step")?,
+            dataset: get("dataset")?,
+            rng,
+            data,
+            model: take("model"),
+            ema: take("ema"),
+            adam_m: take("adam_m"),
+            adam_v: take("adam_v"),
+        })
     }
 }
 

@@ -28,10 +28,13 @@
 
 mod checkpoint;
 mod config;
+pub mod quality;
 mod run;
 mod trainer;
 
-pub use checkpoint::{CHECKPOINT_FORMAT, atomic_write, checkpoint_name, list_checkpoints};
+pub use checkpoint::{
+    CHECKPOINT_FORMAT, Checkpoint, atomic_write, checkpoint_name, list_checkpoints,
+};
 pub use config::{AdamWConfig, EmaConfig, Loss, LrSchedule, RECIPES, TrainConfig};
 pub use run::{RunPaths, RunSummary, draw_loss_curve, run, sample_ema};
 pub use trainer::{AdamW, StepMetrics, TrainError, Trainer, ema_step};

@@ -71,6 +71,11 @@ impl AdamW {
         })
     }
 
+    /// The first and second moment estimates, by parameter name.
+    pub fn moments(&self) -> (&HashMap<String, Tensor>, &HashMap<String, Tensor>) {
+        (&self.m, &self.v)
+    }
+
     /// Steps taken.
     pub fn steps(&self) -> u64 {
         self.t
@@ -92,8 +97,11 @@ impl AdamW {
         let bc1 = 1.0 - o.beta1.powi(t);
         let bc2_sqrt = (1.0 - o.beta2.powi(t)).sqrt();
         for ((name, var), g) in params.iter().zip(grads) {
+            // Detached: a gradient (and all derived from it) must not keep the step's graph
+            // alive, or every step's graph stays in memory through the moments.
+            let g = g.detach();
             let g = if grad_scale == 1.0 {
-                g.clone()
+                g
             } else {
                 (g * grad_scale)?
             };
@@ -101,7 +109,7 @@ impl AdamW {
             let m = ((self.m.get(name).ok_or_else(missing)? * o.beta1)? + (&g * (1.0 - o.beta1))?)?;
             let v = ((self.v.get(name).ok_or_else(missing)? * o.beta2)?
                 + (g.sqr()? * (1.0 - o.beta2))?)?;
-            let p = (var.as_tensor() * (1.0 - lr * o.weight_decay))?;
+            let p = (var.as_tensor().detach() * (1.0 - lr * o.weight_decay))?;
             let denom = ((v.sqrt()? / bc2_sqrt)? + o.eps)?;
             let p = (p - ((&m / denom)? * (lr / bc1))?)?;
             var.set(&p)?;
@@ -113,8 +121,10 @@ impl AdamW {
 }
 
 /// One EMA update, diffusers' `s -= (1 - decay) (s - p)`.
+/// Both inputs are detached first, so the shadow never holds on to a computation graph.
 pub fn ema_step(shadow: &Tensor, param: &Tensor, decay: f64) -> candle_core::Result<Tensor> {
-    shadow - ((shadow - param)? * (1.0 - decay))?
+    let (shadow, param) = (shadow.detach(), param.detach());
+    &shadow - ((&shadow - param)? * (1.0 - decay))?
 }
 
 /// A training run's complete state: model, EMA, optimizer, RNG, data position, step.
@@ -155,6 +165,10 @@ impl Trainer {
         device: &Device,
     ) -> candle_core::Result<Self> {
         config.validate()?;
+        let mut config = config;
+        if config.model.sample_size().is_none() {
+            config.model.set_sample_size(data.height());
+        }
         let (c, h, w) = (data.channels(), data.height(), data.width());
         let f = config.model.downsampling_factor();
         if c != config.model.in_channels()
@@ -180,7 +194,7 @@ impl Trainer {
         let params = sorted_params(&varmap);
         let ema = ddpm_unet::varmap_tensors(&varmap)
             .into_iter()
-            .map(|(k, t)| Ok((k, t.copy()?)))
+            .map(|(k, t)| Ok((k, t.detach().copy()?)))
             .collect::<candle_core::Result<_>>()?;
         let opt = AdamW::new(config.optimizer, &params)?;
         Ok(Self {
@@ -216,6 +230,11 @@ impl Trainer {
         &self.unet
     }
 
+    /// The training images.
+    pub fn data(&self) -> &ImageSet {
+        self.data.set()
+    }
+
     /// The description of the data given at the start.
     pub fn dataset(&self) -> &str {
         &self.dataset
@@ -244,6 +263,11 @@ impl Trainer {
     /// The model with the EMA weights, for sampling and export.
     pub fn ema_unet(&self) -> candle_core::Result<Unet> {
         Unet::from_tensors(&self.config.model, self.ema.clone(), &self.device)
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
     }
 
     /// The RNG state (for the record; checkpoints carry it).
@@ -322,8 +346,8 @@ impl Trainer {
             for (slot, (_, var)) in grads.iter_mut().zip(&self.params) {
                 if let Some(g) = store.get(var.as_tensor()) {
                     *slot = Some(match slot.take() {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
+                        Some(acc) => (acc + g.detach())?,
+                        None => g.detach(),
                     });
                 }
             }
@@ -372,7 +396,7 @@ impl Trainer {
         let current = self.model_tensors();
         for (name, t) in current {
             let updated = if is_buffer(&name) {
-                t.copy()?
+                t.detach().copy()?
             } else {
                 ema_step(&self.ema[&name], &t, decay)?
             };

@@ -185,6 +185,22 @@ impl UnetConfig {
         }
     }
 
+    /// The image size the model was made for, where its config says (`sample_size`).
+    pub fn sample_size(&self) -> Option<usize> {
+        match self {
+            Self::Simple(c) => c.sample_size,
+            Self::Unet2d(c) => c.sample_size,
+        }
+    }
+
+    /// Sets the informational `sample_size`.
+    pub fn set_sample_size(&mut self, size: usize) {
+        match self {
+            Self::Simple(c) => c.sample_size = Some(size),
+            Self::Unet2d(c) => c.sample_size = Some(size),
+        }
+    }
+
     /// Input height and width must be multiples of this.
     pub fn downsampling_factor(&self) -> usize {
         match self {

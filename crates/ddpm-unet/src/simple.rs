@@ -23,17 +23,26 @@ pub struct SimpleUnetConfig {
     pub out_dim: usize,
     /// Width of the sinusoidal time embedding and its MLP.
     pub time_emb_dim: usize,
+    /// The image size the model is trained at (informational, as in diffusers' configs).
+    #[serde(default)]
+    pub sample_size: Option<usize>,
 }
 
 impl SimpleUnetConfig {
     /// The seed's model: 3 channels, 64..1024, time embedding 32 (62,438,883 parameters).
     pub fn seed() -> Self {
-        Self::with_channels(3, &[64, 128, 256, 512, 1024])
+        Self {
+            sample_size: Some(64),
+            ..Self::with_channels(3, &[64, 128, 256, 512, 1024])
+        }
     }
 
-    /// A smaller seed model for digits: 1 channel, 32..256.
+    /// A smaller seed model for digits: 1 channel, 32..256, 32x32.
     pub fn seed_small() -> Self {
-        Self::with_channels(1, &[32, 64, 128, 256])
+        Self {
+            sample_size: Some(32),
+            ..Self::with_channels(1, &[32, 64, 128, 256])
+        }
     }
 
     /// The seed architecture with the given image channels and down channels (up mirrored).
@@ -44,6 +53,7 @@ impl SimpleUnetConfig {
             up_channels: down_channels.iter().rev().copied().collect(),
             out_dim: image_channels,
             time_emb_dim: 32,
+            sample_size: None,
         }
     }
 

@@ -1,0 +1,106 @@
+//! `ddpm`: train diffusion models, sample from them, export, inspect, download datasets.
+//!
+//! Every subcommand has `--help`. Logging goes to stderr, controlled by `RUST_LOG`
+//! (e.g. `RUST_LOG=ddpm=debug`). Errors print one line and exit with status 1.
+
+mod data;
+mod golden;
+mod hub;
+mod inspect;
+mod model;
+mod sample;
+mod show;
+mod train;
+
+use anyhow::{Result, bail};
+use candle_core::Device;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ddpm",
+    version,
+    about = "Denoising diffusion models in Rust, on candle"
+)]
+struct Cli {
+    /// Where to compute: cpu, or cuda / metal when built with that cargo feature.
+    #[arg(long, global = true, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model (the embedded MNIST digits unless --data says otherwise).
+    Train(Box<train::TrainArgs>),
+    /// Sample images from a run, a checkpoint, an exported folder or a diffusers model folder.
+    Sample(sample::SampleArgs),
+    /// Export a run's EMA (or raw) weights as a diffusers folder or a plain safetensors file.
+    Export(model::ExportArgs),
+    /// Draw the forward process: one image noised at evenly spaced timesteps, as a strip.
+    ShowForward(show::ForwardArgs),
+    /// Draw the reverse process: the sample at evenly spaced steps of sampling, as a strip.
+    ShowReverse(show::ReverseArgs),
+    /// Describe a run, a checkpoint or a diffusers folder: config, parameters, step, tensors.
+    Inspect(inspect::InspectArgs),
+    /// Golden-image regression checks (what `cargo xtask golden` runs).
+    Golden(golden::GoldenArgs),
+    /// Datasets on the Hugging Face hub.
+    Dataset {
+        #[command(subcommand)]
+        command: hub::DatasetCommand,
+    },
+}
+
+fn device(arg: DeviceArg) -> Result<Device> {
+    Ok(match arg {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::new_cuda(0)
+            .map_err(|e| anyhow::anyhow!("cuda device: {e} (build with --features cuda)"))?,
+        DeviceArg::Metal => Device::new_metal(0)
+            .map_err(|e| anyhow::anyhow!("metal device: {e} (build with --features metal)"))?,
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let dev = || device(cli.device);
+    match cli.command {
+        Command::Train(a) => train::run(*a, &dev()?),
+        Command::Sample(a) => sample::run(a, &dev()?),
+        Command::Export(a) => model::export(a),
+        Command::ShowForward(a) => show::forward(a),
+        Command::ShowReverse(a) => show::reverse(a, &dev()?),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Golden(a) => golden::run(a),
+        Command::Dataset { command } => hub::run(command),
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Fails if `n` is zero, naming the option.
+fn positive(option: &str, n: usize) -> Result<()> {
+    if n == 0 {
+        bail!("{option} must be at least 1, got 0");
+    }
+    Ok(())
+}

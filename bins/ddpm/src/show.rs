@@ -1,0 +1,136 @@
+//! `show-forward` and `show-reverse`: the seed tutorial's two pictures.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use ddpm_forward::{ForwardProcess, NoiseSource};
+use ddpm_schedule::{Schedule, ScheduleConfig};
+
+use crate::data::DataArgs;
+use crate::sample::{SamplingArgs, build_sampler, image_size, prepare_parent, run_sampler};
+
+#[derive(Args, Debug)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Which image of the data.
+    #[arg(long, default_value_t = 0)]
+    pub index: usize,
+    /// How many timesteps to show, evenly spaced from 0 to T - 1.
+    #[arg(long, default_value_t = 10)]
+    pub frames: usize,
+    /// The noise schedule (seed-linear, ddpm-linear, cosine, scaled-linear, sigmoid).
+    #[arg(long, default_value = "seed-linear")]
+    pub schedule: String,
+    /// Image size.
+    #[arg(long, default_value_t = 32)]
+    pub size: usize,
+    /// Image channels (1 or 3).
+    #[arg(long, default_value_t = 1)]
+    pub channels: usize,
+    /// The seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The PNG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// The forward strip as a tensor `[frames, C, H, W]` (shared with the golden checks).
+pub fn forward_strip(
+    image: &Tensor,
+    schedule: &Schedule,
+    frames: usize,
+    seed: u64,
+) -> Result<Tensor> {
+    crate::positive("--frames", frames)?;
+    let forward = ForwardProcess::new(schedule, image.device())?;
+    let t_max = schedule.num_train_timesteps();
+    let ts: Vec<u32> = (0..frames)
+        .map(|i| {
+            if frames == 1 {
+                0
+            } else {
+                (i * (t_max - 1) / (frames - 1)) as u32
+            }
+        })
+        .collect();
+    let x0 = image.repeat((frames, 1, 1, 1))?;
+    let noise = NoiseSource::new(seed)
+        .randn(image.dims()[1..].to_vec(), image.device())?
+        .unsqueeze(0)?
+        .repeat((frames, 1, 1, 1))?;
+    let t = Tensor::new(ts.as_slice(), image.device())?;
+    Ok(forward.q_sample(&x0, &t, &noise)?.clamp(-1f32, 1f32)?)
+}
+
+pub fn forward(a: ForwardArgs) -> Result<()> {
+    prepare_parent(&a.out)?;
+    let (set, _) = a.data.load(a.size, a.channels)?;
+    if a.index >= set.len() {
+        bail!(
+            "--index {} is past the {} images of the data",
+            a.index,
+            set.len()
+        );
+    }
+    let schedule = Schedule::new(ScheduleConfig::preset(&a.schedule)?)?;
+    let image = set.batch(&[a.index], &[false], &Device::Cpu)?;
+    let strip = forward_strip(&image, &schedule, a.frames, a.seed)?;
+    ddpm_data::write_strip_png(&strip, &a.out)?;
+    println!("forward process: {}", a.out.display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ReverseArgs {
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// How many moments of the sampling to show, evenly spaced, the last one the result.
+    #[arg(long, default_value_t = 10)]
+    pub frames: usize,
+    /// How many samples (one row each).
+    #[arg(long, default_value_t = 1)]
+    pub num: usize,
+    /// The PNG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn reverse(a: ReverseArgs, device: &Device) -> Result<()> {
+    crate::positive("--frames", a.frames)?;
+    crate::positive("--num", a.num)?;
+    prepare_parent(&a.out)?;
+    let loaded = crate::model::load(&a.sampling.model, a.sampling.raw, device)?;
+    let (scheduler, _) = build_sampler(&a.sampling, &loaded)?;
+    let size = image_size(&a.sampling, &loaded)?;
+    let n = scheduler.timesteps().len();
+    if a.frames > n {
+        bail!("--frames {} is more than the {n} sampling steps", a.frames);
+    }
+    let keep: Vec<usize> = (1..=a.frames).map(|i| i * n / a.frames - 1).collect();
+    let mut rng = NoiseSource::new(a.sampling.seed);
+    let init = rng.randn((a.num, loaded.config.in_channels(), size, size), device)?;
+    let mut frames = Vec::new();
+    run_sampler(
+        &a.sampling,
+        &loaded,
+        scheduler.as_ref(),
+        init,
+        &mut rng,
+        |p| {
+            if keep.contains(&p.index) {
+                frames.push(p.sample.clone());
+            }
+        },
+    )?;
+    // Rows are samples, columns moments: [num, frames, C, H, W] flattened row-major.
+    let grid = Tensor::stack(&frames, 1)?
+        .flatten_to(1)?
+        .clamp(-1f32, 1f32)?;
+    ddpm_data::write_grid_png(&grid, a.frames, &a.out)?;
+    println!("reverse process: {}", a.out.display());
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! `ddpm train`: a training run into a run folder.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+use ddpm_forward::Prediction;
+use ddpm_schedule::ScheduleConfig;
+use ddpm_trainer::{Loss, LrSchedule, TrainConfig, Trainer};
+use ddpm_unet::UnetConfig;
+
+use crate::data::DataArgs;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LossArg {
+    L1,
+    L2,
+    Huber,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ObjectiveArg {
+    Eps,
+    X0,
+    V,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LrArg {
+    Constant,
+    Cosine,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The run folder. An existing run is continued only with --resume, replaced only with --force.
+    #[arg(long, default_value = "runs/mnist")]
+    pub out: PathBuf,
+    /// Continue the run in --out from its newest checkpoint (its configuration; --steps may
+    /// raise the total).
+    #[arg(long, conflicts_with = "force")]
+    pub resume: bool,
+    /// Delete an existing run in --out and start over.
+    #[arg(long)]
+    pub force: bool,
+    /// The starting recipe: mnist (the default for the embedded digits), seed, tiny.
+    #[arg(long, default_value = "mnist")]
+    pub recipe: String,
+    /// The model: a preset (seed, seed-small, seed-tiny, ddpm-cifar10, mnist) or a config.json.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The noise schedule preset (seed-linear, ddpm-linear, cosine, scaled-linear, sigmoid).
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Train at this image size (default: the model's sample_size, else 32).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Images per micro-batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warmup steps.
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Learning-rate schedule after warmup.
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<LrArg>,
+    /// AdamW weight decay (0 is Adam).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Global gradient-norm clip (0 turns it off).
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// The loss.
+    #[arg(long, value_enum)]
+    pub loss: Option<LossArg>,
+    /// Huber's delta.
+    #[arg(long, default_value_t = 0.1)]
+    pub huber_delta: f64,
+    /// What the model predicts.
+    #[arg(long, value_enum)]
+    pub objective: Option<ObjectiveArg>,
+    /// Min-SNR loss weighting with this gamma (5 is usual; 0 turns it off).
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
+    /// EMA's maximum decay.
+    #[arg(long)]
+    pub ema_max_decay: Option<f64>,
+    /// EMA warmup power.
+    #[arg(long)]
+    pub ema_power: Option<f64>,
+    /// The seed of everything random.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Random horizontal flips.
+    #[arg(long)]
+    pub flip: bool,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints to keep.
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
+    /// Sample grid every N steps (0: only at the end).
+    #[arg(long)]
+    pub sample_every: Option<u64>,
+    /// Images per sample grid.
+    #[arg(long)]
+    pub sample_count: Option<usize>,
+    /// DDIM steps for the sample grids.
+    #[arg(long)]
+    pub sample_steps: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// The recipe with every option given on the command line applied.
+pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let mut c = TrainConfig::preset(&a.recipe)?;
+    if let Some(m) = &a.model {
+        c.model = if m.ends_with(".json") {
+            let text =
+                std::fs::read_to_string(m).with_context(|| format!("reading model config {m}"))?;
+            UnetConfig::from_json(&text).with_context(|| format!("model config {m}"))?
+        } else {
+            UnetConfig::preset(m)?
+        };
+    }
+    if let Some(s) = &a.schedule {
+        c.schedule = ScheduleConfig::preset(s)?;
+    }
+    macro_rules! set {
+        ($field:expr, $opt:expr) => {
+            if let Some(v) = $opt {
+                $field = v;
+            }
+        };
+    }
+    set!(c.steps, a.steps);
+    set!(c.batch_size, a.batch_size);
+    set!(c.grad_accum, a.grad_accum);
+    set!(c.optimizer.lr, a.lr);
+    set!(c.warmup_steps, a.warmup);
+    set!(c.optimizer.weight_decay, a.weight_decay);
+    set!(c.ema.max_decay, a.ema_max_decay);
+    set!(c.ema.power, a.ema_power);
+    set!(c.seed, a.seed);
+    set!(c.checkpoint_every, a.checkpoint_every);
+    set!(c.keep_checkpoints, a.keep_checkpoints);
+    set!(c.sample_every, a.sample_every);
+    set!(c.sample_count, a.sample_count);
+    set!(c.sample_steps, a.sample_steps);
+    if let Some(g) = a.grad_clip {
+        c.grad_clip = (g != 0.0).then_some(g);
+    }
+    if let Some(g) = a.min_snr_gamma {
+        c.min_snr_gamma = (g != 0.0).then_some(g);
+    }
+    if let Some(l) = a.lr_schedule {
+        c.lr_schedule = match l {
+            LrArg::Constant => LrSchedule::Constant,
+            LrArg::Cosine => LrSchedule::Cosine,
+        };
+    }
+    if let Some(l) = a.loss {
+        c.loss = match l {
+            LossArg::L1 => Loss::L1,
+            LossArg::L2 => Loss::L2,
+            LossArg::Huber => Loss::Huber {
+                delta: a.huber_delta,
+            },
+        };
+    }
+    if let Some(o) = a.objective {
+        c.objective = match o {
+            ObjectiveArg::Eps => Prediction::Epsilon,
+            ObjectiveArg::X0 => Prediction::Sample,
+            ObjectiveArg::V => Prediction::VPrediction,
+        };
+    }
+    c.flip |= a.flip;
+    if let Some(size) = a.image_size {
+        c.model.set_sample_size(size);
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
+    let out = &a.out;
+    if out.is_file() {
+        bail!("--out {} is a file, not a run folder", out.display());
+    }
+    let exists = out.is_dir()
+        && std::fs::read_dir(out)
+            .with_context(|| format!("cannot read run folder {}", out.display()))?
+            .next()
+            .is_some();
+    let mut trainer = if a.resume {
+        if !exists {
+            bail!("--resume: {} holds no run to continue", out.display());
+        }
+        let checkpoint = crate::model::latest_checkpoint(out)?;
+        let ck = ddpm_trainer::Checkpoint::read(&checkpoint, &Device::Cpu)?;
+        let size = ck.config.model.sample_size().unwrap_or(32);
+        let (set, what) = a.data.load(size, ck.config.model.in_channels())?;
+        if what != ck.dataset {
+            bail!(
+                "--resume: the run was trained on {}, this data is {what} (give the same --data)",
+                ck.dataset
+            );
+        }
+        let trainer = Trainer::resume(&checkpoint, Arc::new(set), device, a.steps)?;
+        println!(
+            "resuming {} at step {} of {}",
+            checkpoint.display(),
+            trainer.step(),
+            trainer.config().steps
+        );
+        trainer
+    } else {
+        if exists {
+            if !a.force {
+                bail!(
+                    "{} already holds a run: pass --resume to continue it or --force to start over",
+                    out.display()
+                );
+            }
+            std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
+        }
+        let config = resolve_config(&a)?;
+        let size = config.model.sample_size().unwrap_or(32);
+        let (set, what) = a.data.load(size, config.model.in_channels())?;
+        println!(
+            "training on {what}: {} images of {}x{}x{}",
+            set.len(),
+            set.channels(),
+            set.height(),
+            set.width()
+        );
+        Trainer::new(config, Arc::new(set), &what, device)?
+    };
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create run folder {}", out.display()))?;
+    let summary = ddpm_trainer::run(&mut trainer, out, !a.no_progress)?;
+    println!(
+        "trained {} steps in {:.1} s ({:.1} images/s), final loss {:.4}",
+        summary.steps, summary.seconds, summary.images_per_second, summary.final_loss
+    );
+    if trainer.config().model.in_channels() == 1 && trainer.data().len() >= 400 {
+        report_quality(&trainer, out)?;
+    }
+    println!("checkpoint: {}", summary.checkpoint.display());
+    println!("samples:    {}", summary.samples.display());
+    println!("metrics:    {}", summary.metrics.display());
+    println!("loss curve: {}", summary.loss_curve.display());
+    Ok(())
+}
+
+/// The digit-quality measure on 200 EMA samples (DDIM, 25 steps), printed and written to
+/// RUN/quality.json.
+fn report_quality(trainer: &Trainer, out: &std::path::Path) -> Result<()> {
+    use ddpm_trainer::quality::{DigitClassifier, evaluate};
+    let samples = ddpm_trainer::sample_ema(trainer, 200, 25)?;
+    let model = DigitClassifier::pretrained(&Device::Cpu)?;
+    let report = evaluate(
+        &model,
+        &samples.to_device(&Device::Cpu)?,
+        trainer.data(),
+        &Device::Cpu,
+    )?;
+    println!(
+        "quality (digit classifier, {} samples): Frechet distance {:.2} (real digits: {:.2}), {} of 10 classes present, mean confidence {:.2}, class counts {:?}",
+        report.samples,
+        report.frechet_distance,
+        report.real_floor,
+        report.classes_present,
+        report.mean_confidence,
+        report.class_counts
+    );
+    let path = out.join("quality.json");
+    let json = serde_json::to_string_pretty(&report)?;
+    ddpm_trainer::atomic_write(&path, |f| std::io::Write::write_all(f, json.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

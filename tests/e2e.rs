@@ -1,0 +1,594 @@
+//! End-to-end tests that drive the built `ddpm` binary: train, resume, export, sample, inspect,
+//! golden images, hub download against a local server, and bad arguments.
+//!
+//! Part of the `ddpm-cli` package (so Cargo builds the binary first); lives in the workspace's
+//! top-level `tests/` folder.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn ddpm(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(args)
+        .current_dir(dir)
+        .env("HF_HOME", dir.join("hf-home"))
+        .env("HF_HUB_OFFLINE", "1")
+        // Backtraces are opt-in; the one-line error is what users see.
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .expect("the ddpm binary runs")
+}
+
+#[track_caller]
+fn ok(out: &Output) -> String {
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "ddpm failed\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    stdout.into_owned()
+}
+
+/// The command failed with a one-line error containing `needle`.
+#[track_caller]
+fn fails(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line of error, got {stderr:?}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "error {:?} should contain {needle:?}",
+        lines[0]
+    );
+}
+
+/// Every file under `dir` with its bytes, to show nothing changed.
+fn snapshot(dir: &Path) -> HashMap<PathBuf, Vec<u8>> {
+    let mut out = HashMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+const TINY: &[&str] = &[
+    "--recipe",
+    "tiny",
+    "--limit",
+    "64",
+    "--image-size",
+    "16",
+    "--no-progress",
+];
+
+#[test]
+fn train_resume_export_sample_inspect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut args = vec![
+        "train",
+        "--out",
+        "run",
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+    ];
+    args.extend_from_slice(TINY);
+    let stdout = ok(&ddpm(dir, &args));
+    assert!(
+        stdout.contains("checkpoint: run/checkpoints/step-00000004.safetensors"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("samples:") && stdout.contains("metrics:"),
+        "{stdout}"
+    );
+
+    // An existing run is never overwritten without --resume or --force.
+    let before = snapshot(&dir.join("run"));
+    fails(&ddpm(dir, &args), "already holds a run");
+    assert!(
+        before == snapshot(&dir.join("run")),
+        "a refused run changed files"
+    );
+
+    // Resume to 6 steps.
+    let stdout = ok(&ddpm(
+        dir,
+        &[
+            "train",
+            "--out",
+            "run",
+            "--resume",
+            "--steps",
+            "6",
+            "--limit",
+            "64",
+            "--no-progress",
+        ],
+    ));
+    assert!(
+        stdout.contains("resuming") && stdout.contains("step-00000006"),
+        "{stdout}"
+    );
+    let inspect = ok(&ddpm(dir, &["inspect", "run"]));
+    assert!(
+        inspect.contains("step: 6") && inspect.contains("parameters: "),
+        "{inspect}"
+    );
+
+    // Export, then sample the run (EMA) and the export from the same noise: identical.
+    ok(&ddpm(dir, &["export", "run"]));
+    for f in [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "scheduler_config.json",
+    ] {
+        assert!(
+            dir.join("run/export").join(f).is_file(),
+            "{f} missing from the export"
+        );
+    }
+    fails(&ddpm(dir, &["export", "run"]), "already exists");
+    let noise = Tensor::from_vec(
+        (0..2 * 16 * 16)
+            .map(|i| ((i * 7919 % 200) as f32 / 100.0) - 1.0)
+            .collect::<Vec<_>>(),
+        (2, 1, 16, 16),
+        &Device::Cpu,
+    )
+    .unwrap();
+    candle_core::safetensors::save(
+        &HashMap::from([("noise", noise)]),
+        dir.join("noise.safetensors"),
+    )
+    .unwrap();
+    for (model, out) in [("run", "a.safetensors"), ("run/export", "b.safetensors")] {
+        ok(&ddpm(
+            dir,
+            &[
+                "sample",
+                "--model",
+                model,
+                "--init-noise",
+                "noise.safetensors",
+                "--steps",
+                "5",
+                "--out-tensor",
+                out,
+                "--out",
+                &format!("{out}.png"),
+                "--no-progress",
+            ],
+        ));
+    }
+    let (a, b) = (
+        load(&dir.join("a.safetensors")),
+        load(&dir.join("b.safetensors")),
+    );
+    assert_eq!(a["samples"].dims(), &[2, 1, 16, 16]);
+    assert_eq!(
+        flat(&a["samples"]),
+        flat(&b["samples"]),
+        "the export samples differently from the run"
+    );
+    assert!(flat(&a["samples"]).iter().all(|v| (-1.0..=1.0).contains(v)));
+
+    // One PNG per image at the model's resolution.
+    ok(&ddpm(
+        dir,
+        &[
+            "sample",
+            "--model",
+            "run",
+            "--num",
+            "3",
+            "--steps",
+            "3",
+            "--out-dir",
+            "imgs",
+            "--no-progress",
+        ],
+    ));
+    let img = image::open(dir.join("imgs/00002.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 16));
+
+    // The pictures of the seed tutorial.
+    ok(&ddpm(dir, &["show-forward", "--out", "fwd.png"]));
+    ok(&ddpm(
+        dir,
+        &[
+            "show-reverse",
+            "--model",
+            "run",
+            "--steps",
+            "10",
+            "--frames",
+            "5",
+            "--out",
+            "rev.png",
+            "--no-progress",
+        ],
+    ));
+    assert_eq!(
+        image::open(dir.join("fwd.png")).unwrap().width(),
+        10 * 34 + 2
+    );
+}
+
+#[test]
+fn bad_arguments_fail_with_one_line_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("a-file"), b"x").unwrap();
+    std::fs::write(dir.join("corrupt.safetensors"), b"not a checkpoint").unwrap();
+    let before = snapshot(dir);
+    fails(
+        &ddpm(dir, &["train", "--model", "huge", "--out", "r1"]),
+        "unknown model preset \"huge\"",
+    );
+    fails(
+        &ddpm(dir, &["train", "--recipe", "giant", "--out", "r2"]),
+        "unknown recipe \"giant\"",
+    );
+    fails(
+        &ddpm(
+            dir,
+            &["train", "--data", "missing/images.idx", "--out", "r3"],
+        ),
+        "missing/images.idx",
+    );
+    fails(
+        &ddpm(dir, &["train", "--steps", "0", "--out", "r4"]),
+        "steps must be positive, got 0",
+    );
+    fails(
+        &ddpm(
+            dir,
+            &[
+                "train",
+                "--out",
+                "a-file/run",
+                "--recipe",
+                "tiny",
+                "--no-progress",
+            ],
+        ),
+        "a-file/run",
+    );
+    fails(&ddpm(dir, &["train", "--out", "a-file"]), "is a file");
+    fails(
+        &ddpm(
+            dir,
+            &["sample", "--model", "corrupt.safetensors", "--out", "x.png"],
+        ),
+        "corrupt.safetensors",
+    );
+    fails(
+        &ddpm(dir, &["sample", "--model", "nowhere", "--out", "x.png"]),
+        "nowhere does not exist",
+    );
+    fails(
+        &ddpm(dir, &["sample", "--model", "corrupt.safetensors"]),
+        "nothing to write",
+    );
+    fails(
+        &ddpm(
+            dir,
+            &[
+                "sample",
+                "--model",
+                "corrupt.safetensors",
+                "--out",
+                "a-file/x.png",
+            ],
+        ),
+        "a-file",
+    );
+    fails(
+        &ddpm(dir, &["inspect", "corrupt.safetensors"]),
+        "corrupt.safetensors",
+    );
+    fails(
+        &ddpm(dir, &["train", "--data", "mnist", "--out", "r5"]),
+        "not in the cache",
+    );
+    assert!(before == snapshot(dir), "a failed command changed files");
+    for sub in [
+        "train",
+        "sample",
+        "export",
+        "show-forward",
+        "show-reverse",
+        "inspect",
+        "golden",
+        "dataset",
+    ] {
+        let help = ok(&ddpm(dir, &[sub, "--help"]));
+        assert!(help.contains("Usage:"), "{sub} --help: {help}");
+    }
+}
+
+#[test]
+fn ddim_from_a_diffusers_folder_reproduces_the_pipeline() {
+    // legacy_tiny's weights and config with the DDIMPipeline's scheduler_config.json, sampled
+    // with the same initial noise: diffusers' output to 1e-3 (clamped as --out-tensor is).
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reference = root().join("assets/reference/unet");
+    let model = dir.join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(reference.join("legacy_tiny").join(f), model.join(f)).unwrap();
+    }
+    std::fs::copy(
+        reference.join("ddim_pipeline/scheduler_config.json"),
+        model.join("scheduler_config.json"),
+    )
+    .unwrap();
+    let io = load(&reference.join("ddim_pipeline/io.safetensors"));
+    candle_core::safetensors::save(
+        &HashMap::from([("noise", io["noise"].clone())]),
+        dir.join("noise.safetensors"),
+    )
+    .unwrap();
+    ok(&ddpm(
+        dir,
+        &[
+            "sample",
+            "--model",
+            "model",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "20",
+            "--eta",
+            "0",
+            "--init-noise",
+            "noise.safetensors",
+            "--out-tensor",
+            "out.safetensors",
+            "--no-progress",
+        ],
+    ));
+    let ours = flat(&load(&dir.join("out.safetensors"))["samples"]);
+    let theirs = flat(&io["output"].clamp(-1f32, 1f32).unwrap());
+    let worst = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-3, "max |diff| {worst}");
+}
+
+#[test]
+fn golden_images_match() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden = root().join("assets/golden");
+    let out = ddpm(
+        tmp.path(),
+        &[
+            "golden",
+            "--dir",
+            golden.to_str().unwrap(),
+            "--actual",
+            "actual",
+        ],
+    );
+    let stdout = ok(&out);
+    assert_eq!(stdout.matches("ok ").count(), 3, "{stdout}");
+}
+
+/// A minimal stand-in for the hub's file-resolution API: repository info and byte ranges.
+fn serve_hub(files: HashMap<String, Vec<u8>>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let mut range_start = None;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    range_start = v
+                        .trim()
+                        .split('-')
+                        .next()
+                        .and_then(|s| s.parse::<usize>().ok());
+                }
+            }
+            let (status, headers, body): (&str, String, Vec<u8>) = if path
+                == "/api/datasets/ylecun/mnist/revision/main"
+            {
+                let siblings: Vec<String> = files
+                    .keys()
+                    .map(|f| format!("{{\"rfilename\":\"{f}\"}}"))
+                    .collect();
+                let body = format!(
+                    "{{\"sha\":\"abc123\",\"siblings\":[{},{{\"rfilename\":\"README.md\"}}]}}",
+                    siblings.join(",")
+                );
+                (
+                    "200 OK",
+                    "Content-Type: application/json\r\n".into(),
+                    body.into_bytes(),
+                )
+            } else if let Some(data) = path
+                .strip_prefix("/datasets/ylecun/mnist/resolve/main/")
+                .and_then(|f| files.get(f))
+            {
+                // Every range request gets the rest of the file from its start; the size is in
+                // Content-Range, which is what the client reads from its first, 0-0 request.
+                let start = range_start.unwrap_or(0).min(data.len());
+                let headers = format!(
+                    "ETag: \"etag-{}\"\r\nX-Repo-Commit: abc123\r\nContent-Range: bytes {start}-{}/{}\r\n",
+                    data.len(),
+                    data.len().saturating_sub(1),
+                    data.len()
+                );
+                ("206 Partial Content", headers, data[start..].to_vec())
+            } else {
+                ("404 Not Found", String::new(), b"not found".to_vec())
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(&body);
+            let _ = stream.flush();
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A parquet file of digits laid out as the hub's `ylecun/mnist` (image struct, int64 label).
+fn mnist_parquet(n: usize) -> Vec<u8> {
+    use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::writer::SerializedFileWriter;
+    let digits = ddpm_data::ImageSet::embedded_mnist().unwrap().take(n);
+    let pngs: Vec<ByteArray> = (0..n)
+        .map(|i| {
+            let img = image::GrayImage::from_raw(28, 28, digits.image(i).to_vec()).unwrap();
+            let mut buf = std::io::Cursor::new(Vec::new());
+            image::DynamicImage::ImageLuma8(img)
+                .write_to(&mut buf, image::ImageFormat::Png)
+                .unwrap();
+            ByteArray::from(buf.into_inner())
+        })
+        .collect();
+    let labels: Vec<i64> = digits.labels().unwrap().iter().map(|&l| l as i64).collect();
+    let schema = parquet::schema::parser::parse_message_type(
+        "message schema { optional group image { optional binary bytes; optional binary path (UTF8); } optional int64 label; }",
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    {
+        let mut writer =
+            SerializedFileWriter::new(&mut out, std::sync::Arc::new(schema), Default::default())
+                .unwrap();
+        let mut rg = writer.next_row_group().unwrap();
+        let mut i = 0;
+        while let Some(mut col) = rg.next_column().unwrap() {
+            match i {
+                0 => col
+                    .typed::<ByteArrayType>()
+                    .write_batch(&pngs, Some(&vec![2; n]), None)
+                    .unwrap(),
+                1 => col
+                    .typed::<ByteArrayType>()
+                    .write_batch(&[], Some(&vec![1; n]), None)
+                    .unwrap(),
+                _ => col
+                    .typed::<Int64Type>()
+                    .write_batch(&labels, Some(&vec![1; n]), None)
+                    .unwrap(),
+            };
+            col.close().unwrap();
+            i += 1;
+        }
+        rg.close().unwrap();
+        writer.close().unwrap();
+    }
+    out
+}
+
+#[test]
+fn dataset_download_from_a_local_hub_then_train_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let endpoint = serve_hub(HashMap::from([(
+        "mnist/train-00000-of-00001.parquet".to_string(),
+        mnist_parquet(40),
+    )]));
+    let out = Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(["dataset", "download", "mnist"])
+        .current_dir(dir)
+        .env("HF_HOME", dir.join("hf-home"))
+        .env("HF_ENDPOINT", &endpoint)
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let stdout = ok(&out);
+    assert!(
+        stdout.contains("40 rows") && stdout.contains("image, label"),
+        "{stdout}"
+    );
+    let cached = dir.join(
+        "hf-home/hub/datasets--ylecun--mnist/snapshots/abc123/mnist/train-00000-of-00001.parquet",
+    );
+    assert!(
+        cached.is_file(),
+        "not in the standard HF cache layout: {stdout}"
+    );
+    // Offline (the helper sets HF_HUB_OFFLINE=1), the name resolves to the cached files.
+    let stdout = ok(&ddpm(
+        dir,
+        &[
+            "train",
+            "--data",
+            "mnist",
+            "--recipe",
+            "tiny",
+            "--steps",
+            "1",
+            "--image-size",
+            "16",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
+    ));
+    assert!(stdout.contains("hub dataset mnist: 40 images"), "{stdout}");
+    let stdout = ok(&ddpm(dir, &["dataset", "download", "mnist"]));
+    assert!(
+        stdout.contains("offline") && stdout.contains("40 rows"),
+        "{stdout}"
+    );
+}
