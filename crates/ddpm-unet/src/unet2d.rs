@@ -498,6 +498,40 @@ fn attention(
     )
 }
 
+/// The resnets (`resnets.J`) of a down or up block, each followed by attention
+/// (`attentions.J`) when `with_attention`; resnet `j` takes `in_channels(j)` channels.
+fn block_layers(
+    cfg: &Unet2dConfig,
+    layers: usize,
+    in_channels: impl Fn(usize) -> usize,
+    out: usize,
+    with_attention: bool,
+    vb: &VarBuilder<'_>,
+) -> candle_core::Result<(Vec<ResnetBlock2D>, Vec<SpatialAttention>)> {
+    let mut resnets = Vec::with_capacity(layers);
+    let mut attentions = Vec::new();
+    for j in 0..layers {
+        resnets.push(ResnetBlock2D::new(
+            cfg,
+            in_channels(j),
+            out,
+            1.0,
+            vb.pp("resnets").pp(j),
+        )?);
+        if with_attention {
+            attentions.push(attention(
+                cfg,
+                out,
+                out,
+                cfg.groups(),
+                1.0,
+                vb.pp("attentions").pp(j),
+            )?);
+        }
+    }
+    Ok((resnets, attentions))
+}
+
 /// `DownBlock2D` / `AttnDownBlock2D`.
 #[derive(Debug, Clone)]
 struct DownBlock {
@@ -611,32 +645,20 @@ impl Unet2d {
             let input_channel = output_channel;
             output_channel = boc[i];
             let vb = vb.pp("down_blocks").pp(i);
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..cfg.layers_per_block {
-                let in_ch = if j == 0 {
-                    input_channel
-                } else {
-                    output_channel
-                };
-                resnets.push(ResnetBlock2D::new(
-                    cfg,
-                    in_ch,
-                    output_channel,
-                    1.0,
-                    vb.pp("resnets").pp(j),
-                )?);
-                if *kind == DownBlockType::AttnDownBlock2D {
-                    attentions.push(attention(
-                        cfg,
-                        output_channel,
-                        output_channel,
-                        groups,
-                        1.0,
-                        vb.pp("attentions").pp(j),
-                    )?);
-                }
-            }
+            let (resnets, attentions) = block_layers(
+                cfg,
+                cfg.layers_per_block,
+                |j| {
+                    if j == 0 {
+                        input_channel
+                    } else {
+                        output_channel
+                    }
+                },
+                output_channel,
+                *kind == DownBlockType::AttnDownBlock2D,
+                &vb,
+            )?;
             let downsampler = if i + 1 < n {
                 Some(Downsample2D::new(
                     output_channel,
@@ -689,37 +711,27 @@ impl Unet2d {
             let input_channel = reversed[(i + 1).min(n - 1)];
             let vb = vb.pp("up_blocks").pp(i);
             let layers = cfg.layers_per_block + 1;
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..layers {
-                let skip_ch = if j == layers - 1 {
-                    input_channel
-                } else {
-                    output_channel
-                };
-                let in_ch = if j == 0 {
-                    prev_output_channel
-                } else {
-                    output_channel
-                };
-                resnets.push(ResnetBlock2D::new(
-                    cfg,
-                    in_ch + skip_ch,
-                    output_channel,
-                    1.0,
-                    vb.pp("resnets").pp(j),
-                )?);
-                if *kind == UpBlockType::AttnUpBlock2D {
-                    attentions.push(attention(
-                        cfg,
-                        output_channel,
-                        output_channel,
-                        groups,
-                        1.0,
-                        vb.pp("attentions").pp(j),
-                    )?);
-                }
-            }
+            // Each resnet takes the previous output and one skip; the last skip is the block
+            // input's width.
+            let (resnets, attentions) = block_layers(
+                cfg,
+                layers,
+                |j| {
+                    let skip = if j == layers - 1 {
+                        input_channel
+                    } else {
+                        output_channel
+                    };
+                    skip + if j == 0 {
+                        prev_output_channel
+                    } else {
+                        output_channel
+                    }
+                },
+                output_channel,
+                *kind == UpBlockType::AttnUpBlock2D,
+                &vb,
+            )?;
             let upsampler = if i + 1 < n {
                 Some(Upsample2D::new(output_channel, vb.pp("upsamplers").pp(0))?)
             } else {
