@@ -110,6 +110,9 @@ fn ci() -> Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace"])?;
+    let short_run = "--recipe tiny --steps 2 --image-size 16 --limit 64 --out target/ci-train --force --no-progress";
+    ddpm("train", short_run.split(' ').map(OsString::from).collect())?;
+    ddpm("golden", Vec::new())?;
     Ok(())
 }
 
