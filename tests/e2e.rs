@@ -127,6 +127,19 @@ fn train_resume_export_sample_inspect() {
         "a refused run changed files"
     );
 
+    // --force with a bad argument fails before it deletes anything.
+    fails(
+        &ddpm(
+            dir,
+            &["train", "--out", "run", "--force", "--model", "huge"],
+        ),
+        "unknown model preset",
+    );
+    assert!(
+        before == snapshot(&dir.join("run")),
+        "a failed --force run changed files"
+    );
+
     // Resume to 6 steps.
     let stdout = ok(&ddpm(
         dir,

@@ -232,18 +232,19 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
         );
         trainer
     } else {
-        if exists {
-            if !a.force {
-                bail!(
-                    "{} already holds a run: pass --resume to continue it or --force to start over",
-                    out.display()
-                );
-            }
-            std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
+        if exists && !a.force {
+            bail!(
+                "{} already holds a run: pass --resume to continue it or --force to start over",
+                out.display()
+            );
         }
+        // Everything that can fail on bad arguments happens before --force deletes anything.
         let config = resolve_config(&a)?;
         let size = config.model.sample_size().unwrap_or(32);
         let (set, what) = a.data.load(size, config.model.in_channels())?;
+        if exists {
+            std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
+        }
         println!(
             "training on {what}: {} images of {}x{}x{}",
             set.len(),
