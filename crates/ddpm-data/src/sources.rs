@@ -179,10 +179,8 @@ impl ImageSet {
                     format!("no column {c:?} (columns: {})", fields.join(", ")),
                 ));
             }
-            None => ["image", "img"]
-                .iter()
-                .find(|c| fields.iter().any(|f| f == *c))
-                .map(|c| c.to_string())
+            None => find_image_column(&fields)
+                .map(str::to_string)
                 .ok_or_else(|| {
                     format_err(
                         path,
@@ -241,6 +239,13 @@ impl ImageSet {
         let labels = has_labels.then_some(labels);
         Self::from_pixels(pixels, n, channels, size, size, labels).map_err(|m| format_err(path, m))
     }
+}
+
+/// The image column `datasets` writes: `image` (MNIST, Fashion-MNIST, ...), else `img` (CIFAR-10).
+fn find_image_column(fields: &[String]) -> Option<&'static str> {
+    ["image", "img"]
+        .into_iter()
+        .find(|c| fields.iter().any(|f| f == c))
 }
 
 fn image_bytes(field: &Field) -> Option<&[u8]> {
@@ -326,10 +331,7 @@ pub fn parquet_summary(path: &Path) -> Result<(usize, Vec<String>), DataError> {
         .iter()
         .map(|f| f.name().to_string())
         .collect();
-    if let Some(column) = ["image", "img"]
-        .iter()
-        .find(|c| columns.iter().any(|f| f == *c))
-    {
+    if let Some(column) = find_image_column(&columns) {
         let first = reader
             .get_row_iter(None)
             .map_err(|e| format_err(path, e.to_string()))?
@@ -339,7 +341,7 @@ pub fn parquet_summary(path: &Path) -> Result<(usize, Vec<String>), DataError> {
         if let Some(row) = first {
             let bytes = row
                 .get_column_iter()
-                .find(|(n, _)| n.as_str() == *column)
+                .find(|(n, _)| n.as_str() == column)
                 .and_then(|(_, f)| image_bytes(f));
             let bytes = bytes.ok_or_else(|| {
                 format_err(path, format!("column {column:?} holds no image bytes"))

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use ddpm_data::ImageSet;
-use ddpm_trainer::quality::{accuracy, classifier_tensors, train_classifier};
+use ddpm_trainer::quality::{accuracy, train_classifier};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::Cpu;
@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../assets/classifier/digits-32.safetensors");
-    ddpm_unet::write_safetensors(&classifier_tensors(&varmap), None, &out)?;
+    ddpm_unet::write_safetensors(&ddpm_unet::varmap_tensors(&varmap), None, &out)?;
     println!("wrote {}", out.display());
     Ok(())
 }

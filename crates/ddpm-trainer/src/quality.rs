@@ -2,8 +2,6 @@
 //! on the embedded MNIST digits gives features for a Fréchet distance (FID's recipe with a
 //! digit network instead of Inception) and predicted classes for the spread over digits.
 
-use std::collections::HashMap;
-
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, Optimizer, VarBuilder, VarMap};
 use ddpm_data::{Batches, ImageSet};
@@ -232,9 +230,4 @@ pub fn evaluate(
         class_counts,
         mean_confidence,
     })
-}
-
-/// The classifier's weights by name (to save after [`train_classifier`]).
-pub fn classifier_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
-    ddpm_unet::varmap_tensors(varmap)
 }
