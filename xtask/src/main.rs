@@ -43,11 +43,34 @@ enum Cmd {
         #[arg(long)]
         bless: bool,
     },
+    /// Time SimpleUnet training and sampling steps (`ddpm-bench`, release), optionally side by
+    /// side with PyTorch (`bench/torch_reference.py`), in alternation, and print the ratio.
+    Bench(BenchArgs),
     /// Datasets on the Hugging Face hub.
     Dataset {
         #[command(subcommand)]
         command: DatasetCmd,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// `small` (32,64,128,256 on 1x32x32, batch 64), `seed` (62.4M parameters, 3x64x64,
+    /// batch 8) or `all`.
+    #[arg(long, default_value = "all", value_parser = ["small", "seed", "all"])]
+    config: String,
+    /// `train`, `sample` or `all`.
+    #[arg(long, default_value = "all", value_parser = ["train", "sample", "all"])]
+    mode: String,
+    /// Timed steps per process (each process reports its median).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Rounds: each round runs every measurement once (ours, then PyTorch's, if asked).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// A Python with torch: also run bench/torch_reference.py, alternating with ours.
+    #[arg(long)]
+    torch: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -84,6 +107,7 @@ fn run(args: Args) -> Result<()> {
             }
             ddpm("golden", a)
         }
+        Cmd::Bench(b) => bench(&b),
         Cmd::Dataset {
             command: DatasetCmd::Download { name, split },
         } => ddpm(
@@ -113,6 +137,146 @@ fn ci() -> Result<()> {
     let short_run = "--recipe tiny --steps 2 --image-size 16 --limit 64 --out target/ci-train --force --no-progress";
     ddpm("train", short_run.split(' ').map(OsString::from).collect())?;
     ddpm("golden", Vec::new())?;
+    Ok(())
+}
+
+/// One measurement: a JSON line from `ddpm-bench` or `bench/torch_reference.py`.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    step_s: f64,
+    gflop_per_s: f64,
+    peak_rss_bytes: f64,
+}
+
+fn measure(mut cmd: Command) -> Result<Measured> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .current_dir(project_root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {shown}"))?;
+    if !out.status.success() {
+        bail!("{shown} failed ({})", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("{shown} printed no JSON line"))?;
+    let field = |name: &str| -> Result<f64> {
+        // The lines are flat JSON objects of numbers and strings: find `"name":` and read the
+        // number after it.
+        let key = format!("\"{name}\":");
+        let at = line
+            .find(&key)
+            .with_context(|| format!("{shown}: no {name} in {line}"))?;
+        let rest = line[at + key.len()..].trim_start();
+        let end = rest.find([',', '}']).unwrap_or(rest.len());
+        rest[..end]
+            .trim()
+            .parse()
+            .with_context(|| format!("{shown}: {name} is not a number in {line}"))
+    };
+    Ok(Measured {
+        step_s: field("step_s")?,
+        gflop_per_s: field("gflop_per_s")?,
+        peak_rss_bytes: field("peak_rss_bytes").unwrap_or(f64::NAN),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `cargo xtask bench`: builds `ddpm-bench` once, then runs every (config, mode) pair `rounds`
+/// times, ours and PyTorch's one right after the other, so both see the same machine state;
+/// the ratio is the median over rounds of PyTorch's step time over ours (above 1: we are
+/// faster).
+fn bench(a: &BenchArgs) -> Result<()> {
+    if a.steps == 0 || a.rounds == 0 {
+        bail!("--steps and --rounds must be at least 1");
+    }
+    cargo(&["build", "--quiet", "--release", "-p", "ddpm-bench"])?;
+    let exe = project_root()
+        .join("target/release/ddpm-bench")
+        .with_extension(std::env::consts::EXE_EXTENSION);
+    let script = project_root().join("bench/torch_reference.py");
+    let pick = |v: &str, all: &[&'static str]| -> Vec<&'static str> {
+        all.iter()
+            .copied()
+            .filter(|c| v == "all" || v == *c)
+            .collect()
+    };
+    let configs = pick(&a.config, &["small", "seed"]);
+    let modes = pick(&a.mode, &["train", "sample"]);
+    let steps = a.steps.to_string();
+    let mut rows: Vec<(String, Vec<Measured>, Vec<Measured>)> = Vec::new();
+    for config in &configs {
+        for mode in &modes {
+            rows.push((format!("{config} {mode}"), Vec::new(), Vec::new()));
+        }
+    }
+    for round in 0..a.rounds {
+        let mut i = 0;
+        for config in &configs {
+            for mode in &modes {
+                eprintln!("round {}/{}: {config} {mode}", round + 1, a.rounds);
+                let args = ["--config", config, "--mode", mode, "--steps", &steps];
+                let mut ours = Command::new(&exe);
+                ours.args(args);
+                rows[i].1.push(measure(ours)?);
+                if let Some(py) = &a.torch {
+                    let mut torch = Command::new(py);
+                    torch.arg(&script).args(args);
+                    rows[i].2.push(measure(torch)?);
+                }
+                i += 1;
+            }
+        }
+    }
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
+    println!(
+        "SimpleUnet steps, medians of {} rounds x {} steps, threads: {threads}",
+        a.rounds, a.steps
+    );
+    println!(
+        "| step | ddpm s | ddpm GFLOP/s | ddpm peak RSS | PyTorch s | PyTorch GFLOP/s | PyTorch peak RSS | speed-up |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let gib = |b: f64| format!("{:.2} GiB", b / (1u64 << 30) as f64);
+    for (name, ours, torch) in &rows {
+        let m = |v: &[Measured], f: fn(&Measured) -> f64| median(v.iter().map(f).collect());
+        let mut line = format!(
+            "| {name} | {:.3} | {:.1} | {} |",
+            m(ours, |x| x.step_s),
+            m(ours, |x| x.gflop_per_s),
+            gib(m(ours, |x| x.peak_rss_bytes))
+        );
+        if torch.is_empty() {
+            line.push_str(" - | - | - | - |");
+        } else {
+            let ratio = median(
+                ours.iter()
+                    .zip(torch)
+                    .map(|(o, t)| t.step_s / o.step_s)
+                    .collect(),
+            );
+            line.push_str(&format!(
+                " {:.3} | {:.1} | {} | {ratio:.2}x |",
+                m(torch, |x| x.step_s),
+                m(torch, |x| x.gflop_per_s),
+                gib(m(torch, |x| x.peak_rss_bytes))
+            ));
+        }
+        println!("{line}");
+    }
     Ok(())
 }
 

@@ -13,6 +13,13 @@ mod show;
 mod train;
 
 use anyhow::{Result, bail};
+
+/// mimalloc keeps freed memory for reuse instead of handing large blocks back to the kernel
+/// at once: every training step frees and allocates tensors of megabytes, and with the system
+/// allocator each costs page faults, page clears and TLB shootdowns (a training step of the
+/// 32..256 seed model took 3.2 s with it, 2.1 s with mimalloc, on 2 cores).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use candle_core::Device;
 use clap::{Parser, Subcommand, ValueEnum};
 

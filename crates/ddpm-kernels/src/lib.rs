@@ -1,17 +1,22 @@
-//! Faster CPU convolutions for candle, with backward passes.
+//! Faster CPU convolutions for candle, forward and backward.
 //!
 //! candle 0.11's CPU `conv2d` backward computes the input gradient with a direct
 //! `conv_transpose2d` loop (15-19 GFLOP/s on a 2-core x86 machine, where its matmul reaches
-//! ~180), and `conv_transpose2d` forward uses the same loop. Here both convolutions are
-//! rewritten as one large matmul plus a data rearrangement:
+//! ~180), and `conv_transpose2d` forward uses the same loop. Here both convolutions, with their
+//! bias, are one candle custom op each whose forward and backward passes are large matmuls
+//! (the `gemm` crate, called directly, AVX-512 kernels where the CPU has them) around data
+//! rearrangements:
 //!
-//! - `conv2d(x, w)`: `w` `[C_out, C*k*k]` times `im2col(x)` `[B, C*k*k, L]`, which is NCHW;
-//! - `conv_transpose2d(x, w)`: `w^T` `[C_out*k*k, C_in]` times `x` `[B, C_in, H*W]`, then
-//!   `col2im`.
+//! - [`conv2d`]: `im2col(x)` `[C*k*k, B*L]`, then `w` `[C_out, C*k*k]` times it; backward:
+//!   `dw = dy cols^T`, `dx = col2im(w^T dy)`, `db` = sums of `dy`;
+//! - [`conv_transpose2d`]: `w^T` `[C_out*k*k, C_in]` times `x` `[C_in, B*L]`, then `col2im`
+//!   (bias folded in); backward: `dx = w im2col(dy)`, `dw = x im2col(dy)^T`.
 //!
-//! `im2col` and `col2im` are each other's adjoint, so each is the other's backward pass; the
-//! matmuls backpropagate through candle. The rearrangements run per batch item in parallel and
-//! write disjoint memory, so results do not depend on the thread count.
+//! The batch sits inside the matmuls (`[C, B*L]` layouts), so even the 4x4 maps deep in a
+//! U-Net make one large product; the column matrices live in scratch buffers reused between
+//! calls. Every piece writes disjoint memory per task and sums in a fixed order, and the
+//! matmuls split work over output blocks only, so results are bitwise the same for every
+//! thread count.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -19,7 +24,7 @@
 //! # fn main() -> candle_core::Result<()> {
 //! let x = (Tensor::arange(0f32, 384., &Device::Cpu)?.reshape((2, 3, 8, 8))? / 100.)?.sin()?;
 //! let w = (Tensor::arange(0f32, 108., &Device::Cpu)?.reshape((4, 3, 3, 3))? / 7.)?.cos()?;
-//! let ours = ddpm_kernels::conv2d(&x, &w, 1, 1)?;
+//! let ours = ddpm_kernels::conv2d(&x, &w, None, 1, 1)?;
 //! let candle = x.conv2d(&w, 1, 1, 1, 1)?;
 //! let diff = (ours - candle)?.abs()?.max_all()?.to_scalar::<f32>()?;
 //! assert!(diff < 1e-4);
@@ -28,83 +33,17 @@
 //! ```
 #![warn(missing_docs)]
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+mod layout;
+mod matmul;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use layout::{Geometry, channel_sums, col2im, from_cbl, im2col, row_sums, to_cbl};
+use matmul::{Mat, Scratch, matmul};
 use rayon::prelude::*;
 
-/// The geometry of a convolution's *input* side: channels, height, width, kernel, stride,
-/// padding (square kernels, equal padding on all sides).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geometry {
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
-}
-
-impl Geometry {
-    fn out_hw(&self) -> candle_core::Result<(usize, usize)> {
-        let (hp, wp) = (self.h + 2 * self.padding, self.w + 2 * self.padding);
-        if self.k == 0 || self.stride == 0 || hp < self.k || wp < self.k {
-            candle_core::bail!(
-                "convolution of {}x{} with kernel {} stride {} padding {} has no output",
-                self.h,
-                self.w,
-                self.k,
-                self.stride,
-                self.padding
-            );
-        }
-        Ok((
-            (hp - self.k) / self.stride + 1,
-            (wp - self.k) / self.stride + 1,
-        ))
-    }
-
-    /// Columns per position.
-    fn ckk(&self) -> usize {
-        self.c * self.k * self.k
-    }
-
-    /// For every column `col = (ci, ky, kx)` and output row `oy`: the input row it reads (or
-    /// `None` where it falls in the padding), and the output `ox` range that reads inside the
-    /// input with the first input column read, so callers move whole runs of a row.
-    fn for_each_row(
-        &self,
-        mut f: impl FnMut(usize, usize, usize, Option<usize>, std::ops::Range<usize>, isize),
-    ) -> candle_core::Result<()> {
-        let (ho, wo) = self.out_hw()?;
-        let (k, s, p) = (self.k, self.stride, self.padding as isize);
-        for ci in 0..self.c {
-            for ky in 0..k {
-                for kx in 0..k {
-                    let col = (ci * k + ky) * k + kx;
-                    // ox reads ix = ox * s + kx - p, inside [0, w) for ox in [lo, hi).
-                    let first = kx as isize - p;
-                    let lo = if first >= 0 {
-                        0
-                    } else {
-                        ((-first) as usize).div_ceil(s)
-                    };
-                    let hi = if (self.w as isize) > first {
-                        (((self.w as isize - first) as usize).div_ceil(s)).min(wo)
-                    } else {
-                        0
-                    };
-                    for oy in 0..ho {
-                        let iy = (oy * s + ky) as isize - p;
-                        let row = (0..self.h as isize)
-                            .contains(&iy)
-                            .then(|| (ci * self.h + iy as usize) * self.w);
-                        f(col, oy, wo, row, lo..hi.max(lo), first);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
+/// Output positions from which a forward `conv2d` multiplies image by image straight into the
+/// output; below it, one matmul over the whole batch and a permutation.
+const PER_IMAGE_MIN_POSITIONS: usize = 256;
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
@@ -114,131 +53,290 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::
     }
 }
 
-/// `[B, C, H, W]` to `[B, C*k*k, L]`, `L` the output positions (Caffe's layout: each row of
-/// columns is contiguous along the output, so a matmul with the kernel gives NCHW directly).
-struct Im2Col(Geometry);
+/// Runs `f` on the f32 data of a CPU tensor (made contiguous first).
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(f(contiguous_f32(cpu, layout)?)),
+        _ => candle_core::bail!("ddpm-kernels runs on the CPU"),
+    }
+}
 
-/// `[B, C*k*k, L]` to `[B, C, H, W]`, summing overlapping contributions.
-struct Col2Im(Geometry);
+fn tensor(data: Vec<f32>, dims: &[usize], like: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(data, dims, like.device())
+}
 
-impl CustomOp1 for Im2Col {
+/// `conv2d` with bias: the geometry of the input side and the output channels.
+struct Conv2d {
+    g: Geometry,
+    c_out: usize,
+}
+
+/// `conv_transpose2d` with bias: the geometry of the *output* side (the forward pass of this
+/// op is the backward pass of a `conv2d` on that side) and the input channels.
+struct ConvTranspose2d {
+    g: Geometry,
+    c_in: usize,
+}
+
+impl Conv2d {
+    fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32> {
+        let (g, c_out) = (&self.g, self.c_out);
+        let (l, ckk) = (g.l(), g.ckk());
+        let mut cols = Scratch::new(ckk * b * l);
+        im2col(x, b, g, &mut cols);
+        let mut y = vec![0f32; b * c_out * l];
+        let w = Mat::rows(w, c_out, ckk);
+        if l >= PER_IMAGE_MIN_POSITIONS {
+            y.par_chunks_mut(l)
+                .enumerate()
+                .for_each(|(i, o)| o.fill(bias[i % c_out]));
+            for (bi, yb) in y.chunks_mut(c_out * l).enumerate() {
+                let cols_b = Mat {
+                    data: &cols[bi * l..],
+                    rows: ckk,
+                    cols: l,
+                    rs: b * l,
+                    cs: 1,
+                };
+                matmul(yb, l, w, cols_b, true);
+            }
+        } else {
+            let mut yt = Scratch::new(c_out * b * l);
+            matmul(&mut yt, b * l, w, Mat::rows(&cols, ckk, b * l), false);
+            from_cbl(&yt, b, c_out, l, Some(bias), &mut y);
+        }
+        y
+    }
+
+    /// `(dx, dw, db)` from the input, the kernel and the output gradient.
+    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], b: usize) -> [Vec<f32>; 3] {
+        let (g, c_out) = (&self.g, self.c_out);
+        let (l, ckk) = (g.l(), g.ckk());
+        let mut dyt = Scratch::new(c_out * b * l);
+        to_cbl(dy, b, c_out, l, &mut dyt);
+        let dyt = Mat::rows(&dyt, c_out, b * l);
+        let db = row_sums(dyt.data, b * l);
+        let mut cols = Scratch::new(ckk * b * l);
+        im2col(x, b, g, &mut cols);
+        let mut dw = vec![0f32; c_out * ckk];
+        matmul(&mut dw, ckk, dyt, Mat::rows(&cols, ckk, b * l).t(), false);
+        // The column gradient reuses the column buffer.
+        matmul(&mut cols, b * l, Mat::rows(w, c_out, ckk).t(), dyt, false);
+        let mut dx = vec![0f32; b * g.c * g.h * g.w];
+        col2im(&cols, b, g, None, &mut dx);
+        [dx, dw, db]
+    }
+}
+
+impl ConvTranspose2d {
+    fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32> {
+        let (g, c_in) = (&self.g, self.c_in);
+        let (l, ckk) = (g.l(), g.ckk());
+        let mut xt = Scratch::new(c_in * b * l);
+        to_cbl(x, b, c_in, l, &mut xt);
+        let mut cols = Scratch::new(ckk * b * l);
+        matmul(
+            &mut cols,
+            b * l,
+            Mat::rows(w, c_in, ckk).t(),
+            Mat::rows(&xt, c_in, b * l),
+            false,
+        );
+        drop(xt);
+        let mut y = vec![0f32; b * g.c * g.h * g.w];
+        col2im(&cols, b, g, Some(bias), &mut y);
+        y
+    }
+
+    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], b: usize) -> [Vec<f32>; 3] {
+        let (g, c_in) = (&self.g, self.c_in);
+        let (l, ckk) = (g.l(), g.ckk());
+        let mut cols = Scratch::new(ckk * b * l);
+        im2col(dy, b, g, &mut cols);
+        let cols = Mat::rows(&cols, ckk, b * l);
+        let mut xt = Scratch::new(c_in * b * l);
+        to_cbl(x, b, c_in, l, &mut xt);
+        let mut dw = vec![0f32; c_in * ckk];
+        matmul(&mut dw, ckk, Mat::rows(&xt, c_in, b * l), cols.t(), false);
+        // The input gradient (as [C_in, B*L]) reuses the buffer of the permuted input.
+        matmul(&mut xt, b * l, Mat::rows(w, c_in, ckk), cols, false);
+        let mut dx = vec![0f32; b * c_in * l];
+        from_cbl(&xt, b, c_in, l, None, &mut dx);
+        let db = channel_sums(dy, b, g.c, g.h * g.w);
+        [dx, dw, db]
+    }
+}
+
+/// Checks the three operands of a forward pass against the op's shapes.
+fn check_operands(
+    name: &str,
+    x: (&Layout, [usize; 3]),
+    w: (&Layout, [usize; 4]),
+    bias: (&Layout, usize),
+) -> candle_core::Result<usize> {
+    let (b, c, h, wd) = x.0.shape().dims4()?;
+    if [c, h, wd] != x.1 || w.0.shape().dims() != w.1 || bias.0.shape().dims() != [bias.1] {
+        candle_core::bail!(
+            "{name}: operands {:?}, {:?}, {:?} do not match the op (input [B, {}, {}, {}], \
+             kernel {:?}, bias [{}])",
+            x.0.shape(),
+            w.0.shape(),
+            bias.0.shape(),
+            x.1[0],
+            x.1[1],
+            x.1[2],
+            w.1,
+            bias.1
+        );
+    }
+    Ok(b)
+}
+
+impl CustomOp3 for Conv2d {
     fn name(&self) -> &'static str {
-        "ddpm-im2col"
+        "ddpm-conv2d"
     }
 
     fn cpu_fwd(
         &self,
-        storage: &CpuStorage,
-        layout: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let (b, c, h, w) = layout.shape().dims4()?;
-        if (c, h, w) != (g.c, g.h, g.w) {
-            candle_core::bail!(
-                "im2col: input {:?} does not match the geometry {g:?}",
-                layout.shape()
-            );
-        }
-        let x = contiguous_f32(storage, layout)?;
+        let g = &self.g;
+        let b = check_operands(
+            "conv2d",
+            (l1, [g.c, g.h, g.w]),
+            (l2, [self.c_out, g.c, g.k, g.k]),
+            (l3, self.c_out),
+        )?;
+        let (x, w, bias) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
         let (ho, wo) = g.out_hw()?;
-        let (l, ckk) = (ho * wo, g.ckk());
-        let s = g.stride;
-        let mut out = vec![0f32; b * ckk * l];
-        out.par_chunks_mut(ckk * l)
-            .zip(x.par_chunks(c * h * w))
-            .try_for_each(|(o, xi)| {
-                g.for_each_row(|col, oy, wo, row, xs, first| {
-                    let Some(row) = row else { return };
-                    let dst = &mut o[col * l + oy * wo..col * l + (oy + 1) * wo];
-                    for ox in xs {
-                        dst[ox] = xi[row + (ox as isize * s as isize + first) as usize];
-                    }
-                })
-            })?;
-        Ok((CpuStorage::F32(out), Shape::from((b, ckk, l))))
+        let y = self.forward(x, w, bias, b);
+        Ok((CpuStorage::F32(y), Shape::from((b, self.c_out, ho, wo))))
     }
 
     fn bwd(
         &self,
-        _arg: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0))?,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let b = x.dim(0)?;
+        let [dx, dw, db] = with_data(x, |x| {
+            with_data(w, |w| with_data(grad_res, |dy| self.backward(x, w, dy, b)))
+        })???;
+        Ok((
+            Some(tensor(dx, x.dims(), x)?),
+            Some(tensor(dw, w.dims(), w)?),
+            Some(tensor(db, bias.dims(), bias)?),
         ))
     }
 }
 
-impl CustomOp1 for Col2Im {
+impl CustomOp3 for ConvTranspose2d {
     fn name(&self) -> &'static str {
-        "ddpm-col2im"
+        "ddpm-conv-transpose2d"
     }
 
     fn cpu_fwd(
         &self,
-        storage: &CpuStorage,
-        layout: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let (b, ckk, l) = layout.shape().dims3()?;
-        let (ho, wo) = g.out_hw()?;
-        if (ckk, l) != (g.ckk(), ho * wo) {
-            candle_core::bail!(
-                "col2im: input {:?} does not match the geometry {g:?}",
-                layout.shape()
-            );
-        }
-        let cols = contiguous_f32(storage, layout)?;
-        let n = g.c * g.h * g.w;
-        let s = g.stride;
-        let mut out = vec![0f32; b * n];
-        out.par_chunks_mut(n)
-            .zip(cols.par_chunks(ckk * l))
-            .try_for_each(|(o, ci)| {
-                g.for_each_row(|col, oy, wo, row, xs, first| {
-                    let Some(row) = row else { return };
-                    let src = &ci[col * l + oy * wo..col * l + (oy + 1) * wo];
-                    for ox in xs {
-                        o[row + (ox as isize * s as isize + first) as usize] += src[ox];
-                    }
-                })
-            })?;
-        Ok((CpuStorage::F32(out), Shape::from((b, g.c, g.h, g.w))))
+        let g = &self.g;
+        let (h, w) = g.out_hw()?;
+        let b = check_operands(
+            "conv_transpose2d",
+            (l1, [self.c_in, h, w]),
+            (l2, [self.c_in, g.c, g.k, g.k]),
+            (l3, g.c),
+        )?;
+        let (x, wt, bias) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
+        let y = self.forward(x, wt, bias, b);
+        Ok((CpuStorage::F32(y), Shape::from((b, g.c, g.h, g.w))))
     }
 
     fn bwd(
         &self,
-        _arg: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            grad_res.contiguous()?.apply_op1_no_bwd(&Im2Col(self.0))?,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let b = x.dim(0)?;
+        let [dx, dw, db] = with_data(x, |x| {
+            with_data(w, |w| with_data(grad_res, |dy| self.backward(x, w, dy, b)))
+        })???;
+        Ok((
+            Some(tensor(dx, x.dims(), x)?),
+            Some(tensor(dw, w.dims(), w)?),
+            Some(tensor(db, bias.dims(), bias)?),
         ))
     }
 }
 
-fn check_f32_cpu(x: &Tensor, w: &Tensor) -> candle_core::Result<()> {
-    if !x.device().is_cpu()
-        || x.dtype() != candle_core::DType::F32
-        || w.dtype() != candle_core::DType::F32
-    {
-        candle_core::bail!("ddpm-kernels runs f32 on the CPU; use candle's convolutions elsewhere");
+/// Whether these kernels run for `x` and `w`: f32 on the CPU.
+pub fn supports(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32
+}
+
+fn check_supported(x: &Tensor, w: &Tensor) -> candle_core::Result<()> {
+    if !supports(x, w) {
+        candle_core::bail!(
+            "ddpm-kernels runs f32 on the CPU (got {:?} on {:?}); use candle's convolutions \
+             elsewhere",
+            x.dtype(),
+            x.device().location()
+        );
     }
     Ok(())
 }
 
-/// `conv2d` of `x` `[B, C_in, H, W]` with `w` `[C_out, C_in, k, k]` (no bias, no groups, no
-/// dilation), the same as candle's `x.conv2d(w, padding, stride, 1, 1)`.
+fn bias_or_zeros(bias: Option<&Tensor>, c: usize, like: &Tensor) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => {
+            if b.dims() != [c] {
+                candle_core::bail!("bias {:?} must be [{c}]", b.dims());
+            }
+            Ok(b.clone())
+        }
+        None => Tensor::zeros(c, DType::F32, like.device()),
+    }
+}
+
+/// `conv2d` of `x` `[B, C_in, H, W]` with `w` `[C_out, C_in, k, k]` and an optional bias
+/// `[C_out]` (no groups, no dilation): candle's `x.conv2d(w, padding, stride, 1, 1)` plus the
+/// bias, with gradients for all three.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
+    bias: Option<&Tensor>,
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
-    check_f32_cpu(x, w)?;
-    let (b, c, h, wd) = x.dims4()?;
+    check_supported(x, w)?;
+    let (_, c, h, wd) = x.dims4()?;
     let (c_out, c_in, k, k2) = w.dims4()?;
     if c_in != c || k != k2 {
         candle_core::bail!(
@@ -255,22 +353,24 @@ pub fn conv2d(
         stride,
         padding,
     };
-    let (ho, wo) = g.out_hw()?;
-    let cols = x.contiguous()?.apply_op1(Im2Col(g))?; // [B, Ckk, L]
-    let y = w.reshape((c_out, g.ckk()))?.broadcast_matmul(&cols)?; // [B, C_out, L]
-    y.reshape((b, c_out, ho, wo))
+    g.out_hw()?;
+    let bias = bias_or_zeros(bias, c_out, x)?;
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &bias.contiguous()?, Conv2d { g, c_out })
 }
 
-/// `conv_transpose2d` of `x` `[B, C_in, H, W]` with `w` `[C_in, C_out, k, k]` (no output
-/// padding, no dilation), the same as candle's `x.conv_transpose2d(w, padding, 0, stride, 1)`.
+/// `conv_transpose2d` of `x` `[B, C_in, H, W]` with `w` `[C_in, C_out, k, k]` and an
+/// optional bias `[C_out]` (no output padding, no dilation): candle's
+/// `x.conv_transpose2d(w, padding, 0, stride, 1)` plus the bias, with gradients for all three.
 pub fn conv_transpose2d(
     x: &Tensor,
     w: &Tensor,
+    bias: Option<&Tensor>,
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
-    check_f32_cpu(x, w)?;
-    let (b, c_in, h, wd) = x.dims4()?;
+    check_supported(x, w)?;
+    let (_, c_in, h, wd) = x.dims4()?;
     let (w_in, c_out, k, k2) = w.dims4()?;
     if w_in != c_in || k != k2 {
         candle_core::bail!(
@@ -280,9 +380,14 @@ pub fn conv_transpose2d(
         );
     }
     let out = |n: usize| -> candle_core::Result<usize> {
-        ((n - 1) * stride + k).checked_sub(2 * padding).filter(|&v| v > 0).ok_or_else(|| {
-            candle_core::Error::Msg(format!("conv_transpose2d of size {n} with kernel {k} stride {stride} padding {padding} has no output"))
-        })
+        let size = (n * stride + k).checked_sub(stride + 2 * padding);
+        match size {
+            Some(v) if v > 0 && n > 0 && stride > 0 => Ok(v),
+            _ => candle_core::bail!(
+                "conv_transpose2d of size {n} with kernel {k} stride {stride} padding {padding} \
+                 has no output"
+            ),
+        }
     };
     let g = Geometry {
         c: c_out,
@@ -292,10 +397,13 @@ pub fn conv_transpose2d(
         stride,
         padding,
     };
-    // [C_out*k*k, C_in] x [B, C_in, H*W] -> [B, C_out*k*k, H*W], then scatter into the output.
-    let cols = w
-        .reshape((c_in, g.ckk()))?
-        .t()?
-        .broadcast_matmul(&x.reshape((b, c_in, h * wd))?)?;
-    cols.contiguous()?.apply_op1(Col2Im(g))
+    if g.out_hw()? != (h, wd) {
+        candle_core::bail!("conv_transpose2d: geometry {g:?} does not invert {h}x{wd}");
+    }
+    let bias = bias_or_zeros(bias, c_out, x)?;
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &bias.contiguous()?,
+        ConvTranspose2d { g, c_in },
+    )
 }

@@ -24,7 +24,7 @@ fn close(what: &str, a: &Tensor, b: &Tensor) {
 /// (batch, c_in, c_out, h, w, k, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CASES: [Case; 8] = [
+const CASES: [Case; 10] = [
     (1, 1, 1, 5, 5, 3, 1, 1),
     (2, 3, 4, 7, 9, 3, 1, 1),
     (1, 4, 2, 8, 8, 4, 2, 1),
@@ -33,6 +33,9 @@ const CASES: [Case; 8] = [
     (1, 3, 3, 11, 6, 5, 2, 2),
     (2, 6, 4, 16, 16, 3, 1, 1),
     (1, 2, 2, 3, 3, 3, 1, 0),
+    // 16x16 and more output positions: conv2d multiplies image by image into the output.
+    (3, 3, 5, 17, 16, 3, 1, 1),
+    (2, 4, 3, 34, 33, 4, 2, 1),
 ];
 
 fn randn(rng: &mut NoiseSource, shape: &[usize]) -> Tensor {
@@ -46,8 +49,16 @@ fn conv2d_matches_candle_forward_and_backward() {
         let what = format!("conv2d b{b} {ci}->{co} {h}x{w} k{k} s{s} p{p}");
         let x = Var::from_tensor(&randn(&mut rng, &[b, ci, h, w])).unwrap();
         let wt = Var::from_tensor(&randn(&mut rng, &[co, ci, k, k])).unwrap();
-        let ours = ddpm_kernels::conv2d(x.as_tensor(), wt.as_tensor(), p, s).unwrap();
-        let theirs = x.as_tensor().conv2d(wt.as_tensor(), p, s, 1, 1).unwrap();
+        let bias = Var::from_tensor(&randn(&mut rng, &[co])).unwrap();
+        let ours =
+            ddpm_kernels::conv2d(x.as_tensor(), wt.as_tensor(), Some(bias.as_tensor()), p, s)
+                .unwrap();
+        let theirs = x
+            .as_tensor()
+            .conv2d(wt.as_tensor(), p, s, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.as_tensor().reshape((1, co, 1, 1)).unwrap())
+            .unwrap();
         close(&format!("{what} forward"), &ours, &theirs);
         let r = randn(&mut rng, ours.dims());
         let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -60,6 +71,11 @@ fn conv2d_matches_candle_forward_and_backward() {
                     g1.get(wt.as_tensor()).unwrap(),
                     g2.get(wt.as_tensor()).unwrap(),
                 );
+                close(
+                    &format!("{what} db"),
+                    g1.get(bias.as_tensor()).unwrap(),
+                    g2.get(bias.as_tensor()).unwrap(),
+                );
             }
             // candle's own backward fails when (size + 2 padding - kernel) is not a multiple
             // of the stride ("shape mismatch in add"): check ours by the adjoint identity
@@ -68,7 +84,8 @@ fn conv2d_matches_candle_forward_and_backward() {
                 assert!(e.to_string().contains("shape mismatch"), "{what}: {e}");
                 for _ in 0..5 {
                     let probe = randn(&mut rng, x.dims());
-                    let lhs = (ddpm_kernels::conv2d(&probe, wt.as_tensor(), p, s).unwrap() * &r)
+                    let lhs = (ddpm_kernels::conv2d(&probe, wt.as_tensor(), None, p, s).unwrap()
+                        * &r)
                         .unwrap()
                         .sum_all()
                         .unwrap()
@@ -100,10 +117,20 @@ fn conv_transpose2d_matches_candle_forward_and_backward() {
         let what = format!("conv_transpose2d b{b} {ci}->{co} {h}x{w} k{k} s{s} p{p}");
         let x = Var::from_tensor(&randn(&mut rng, &[b, ci, h, w])).unwrap();
         let wt = Var::from_tensor(&randn(&mut rng, &[ci, co, k, k])).unwrap();
-        let ours = ddpm_kernels::conv_transpose2d(x.as_tensor(), wt.as_tensor(), p, s).unwrap();
+        let bias = Var::from_tensor(&randn(&mut rng, &[co])).unwrap();
+        let ours = ddpm_kernels::conv_transpose2d(
+            x.as_tensor(),
+            wt.as_tensor(),
+            Some(bias.as_tensor()),
+            p,
+            s,
+        )
+        .unwrap();
         let theirs = x
             .as_tensor()
             .conv_transpose2d(wt.as_tensor(), p, 0, s, 1)
+            .unwrap()
+            .broadcast_add(&bias.as_tensor().reshape((1, co, 1, 1)).unwrap())
             .unwrap();
         close(&format!("{what} forward"), &ours, &theirs);
         let r = randn(&mut rng, ours.dims());
@@ -124,6 +151,11 @@ fn conv_transpose2d_matches_candle_forward_and_backward() {
             g1.get(wt.as_tensor()).unwrap(),
             g2.get(wt.as_tensor()).unwrap(),
         );
+        close(
+            &format!("{what} db"),
+            g1.get(bias.as_tensor()).unwrap(),
+            g2.get(bias.as_tensor()).unwrap(),
+        );
     }
 }
 
@@ -132,16 +164,79 @@ fn mismatched_shapes_are_errors() {
     let x = Tensor::zeros((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
     let w = Tensor::zeros((4, 2, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(
-        ddpm_kernels::conv2d(&x, &w, 1, 1)
+        ddpm_kernels::conv2d(&x, &w, None, 1, 1)
             .unwrap_err()
             .to_string()
             .contains("do not fit")
     );
     let w = Tensor::zeros((4, 3, 9, 9), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(
-        ddpm_kernels::conv2d(&x, &w, 0, 1)
+        ddpm_kernels::conv2d(&x, &w, None, 0, 1)
             .unwrap_err()
             .to_string()
             .contains("no output")
+    );
+    let w = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let bias = Tensor::zeros(5, candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(
+        ddpm_kernels::conv2d(&x, &w, Some(&bias), 1, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("bias [5] must be [4]")
+    );
+    let w = Tensor::zeros((3, 4, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::zeros((1, 3, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(
+        ddpm_kernels::conv_transpose2d(&x, &w, None, 2, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("has no output")
+    );
+    let f64s = x.to_dtype(candle_core::DType::F64).unwrap();
+    assert!(
+        ddpm_kernels::conv_transpose2d(&f64s, &w, None, 0, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("runs f32 on the CPU")
+    );
+}
+
+/// Forward and backward of both ops at shapes that take every path (per image and batched,
+/// strides 1 and 2) are bitwise the same with 1, 2 and 5 threads.
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    ddpm_testutil::assert_same_across_thread_counts(
+        "results_do_not_depend_on_the_thread_count",
+        "DDPM_KERNELS_CHILD",
+        &["1", "2", "5"],
+        || {
+            let mut rng = NoiseSource::new(3);
+            let mut words: Vec<u32> = Vec::new();
+            for (b, ci, co, h, k, s, p) in [(4, 6, 8, 20, 3, 1, 1), (3, 8, 5, 9, 4, 2, 1)] {
+                let x = Var::from_tensor(&randn(&mut rng, &[b, ci, h, h])).unwrap();
+                let w = Var::from_tensor(&randn(&mut rng, &[co, ci, k, k])).unwrap();
+                let wt = Var::from_tensor(&randn(&mut rng, &[ci, co, k, k])).unwrap();
+                let bias = Var::from_tensor(&randn(&mut rng, &[co])).unwrap();
+                let y = ddpm_kernels::conv2d(&x, &w, Some(&bias), p, s).unwrap();
+                let z = ddpm_kernels::conv_transpose2d(&x, &wt, Some(&bias), p, s).unwrap();
+                let loss = ((&y * &y).unwrap().sum_all().unwrap()
+                    + (&z * &z).unwrap().sum_all().unwrap())
+                .unwrap();
+                let grads = loss.backward().unwrap();
+                for t in [
+                    &y,
+                    &z,
+                    x.as_tensor(),
+                    w.as_tensor(),
+                    wt.as_tensor(),
+                    bias.as_tensor(),
+                ] {
+                    let t = grads.get(t).unwrap_or(t);
+                    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                    words.extend(v.iter().map(|f| f.to_bits()));
+                }
+            }
+            ddpm_testutil::fnv1a(words)
+        },
     );
 }

@@ -167,3 +167,75 @@ pub(crate) fn group_norm(
     }
     candle_nn::group_norm(groups, channels, eps, vb)
 }
+
+/// A convolution layer (PyTorch's `weight` and `bias` names, candle's initialisation) that runs
+/// `ddpm-kernels` for f32 on the CPU (forward and backward as large matmuls) and candle's own
+/// convolution elsewhere.
+#[derive(Debug, Clone)]
+pub(crate) enum Conv {
+    /// `nn.Conv2d`.
+    Forward(candle_nn::Conv2d),
+    /// `nn.ConvTranspose2d`.
+    Transpose(candle_nn::ConvTranspose2d),
+}
+
+impl Conv {
+    /// `nn.Conv2d(c_in, c_out, k, stride, padding)` with bias.
+    pub(crate) fn new(
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder<'_>,
+    ) -> candle_core::Result<Self> {
+        let cfg = candle_nn::Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        Ok(Self::Forward(candle_nn::conv2d(c_in, c_out, k, cfg, vb)?))
+    }
+
+    /// `nn.ConvTranspose2d(c_in, c_out, k, stride, padding)` with bias.
+    pub(crate) fn transpose(
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder<'_>,
+    ) -> candle_core::Result<Self> {
+        let cfg = candle_nn::ConvTranspose2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        Ok(Self::Transpose(candle_nn::conv_transpose2d(
+            c_in, c_out, k, cfg, vb,
+        )?))
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Forward(c) if ddpm_kernels::supports(x, c.weight()) => {
+                let cfg = c.config();
+                if cfg.dilation != 1 || cfg.groups != 1 {
+                    return c.forward(x);
+                }
+                ddpm_kernels::conv2d(x, c.weight(), c.bias(), cfg.padding, cfg.stride)
+            }
+            Self::Transpose(c) if ddpm_kernels::supports(x, c.weight()) => {
+                let cfg = c.config();
+                if cfg.dilation != 1 || cfg.output_padding != 0 {
+                    return c.forward(x);
+                }
+                ddpm_kernels::conv_transpose2d(x, c.weight(), c.bias(), cfg.padding, cfg.stride)
+            }
+            Self::Forward(c) => c.forward(x),
+            Self::Transpose(c) => c.forward(x),
+        }
+    }
+}

@@ -1,13 +1,12 @@
 //! The seed tutorial's `SimpleUnet`: BatchNorm, ReLU, strided convolutions, a time MLP.
 
 use candle_core::{Module, ModuleT, Tensor};
-use candle_nn::{
-    BatchNorm, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder,
-};
+use candle_nn::{BatchNorm, Linear, VarBuilder};
 use ddpm_embeddings::SeedTimeMlp;
 use serde::{Deserialize, Serialize};
 
 use crate::Mode;
+use crate::layers::Conv;
 
 /// The seed's `SimpleUnet` hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,17 +87,12 @@ impl SimpleUnetConfig {
 #[derive(Debug, Clone)]
 struct Block {
     time_mlp: Linear,
-    conv1: Conv2d,
-    conv2: Conv2d,
+    conv1: Conv,
+    conv2: Conv,
     bnorm1: BatchNorm,
     bnorm2: BatchNorm,
-    transform: Transform,
-}
-
-#[derive(Debug, Clone)]
-enum Transform {
-    Down(Conv2d),
-    Up(ConvTranspose2d),
+    /// A 4x4 stride-2 conv (down) or transposed conv (up).
+    transform: Conv,
 }
 
 impl Block {
@@ -109,42 +103,16 @@ impl Block {
         up: bool,
         vb: VarBuilder<'_>,
     ) -> candle_core::Result<Self> {
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let conv1_in = if up { 2 * in_ch } else { in_ch };
         let transform = if up {
-            let cfg = ConvTranspose2dConfig {
-                padding: 1,
-                stride: 2,
-                ..Default::default()
-            };
-            Transform::Up(candle_nn::conv_transpose2d(
-                out_ch,
-                out_ch,
-                4,
-                cfg,
-                vb.pp("transform"),
-            )?)
+            Conv::transpose(out_ch, out_ch, 4, 2, 1, vb.pp("transform"))?
         } else {
-            let cfg = Conv2dConfig {
-                padding: 1,
-                stride: 2,
-                ..Default::default()
-            };
-            Transform::Down(candle_nn::conv2d(
-                out_ch,
-                out_ch,
-                4,
-                cfg,
-                vb.pp("transform"),
-            )?)
+            Conv::new(out_ch, out_ch, 4, 2, 1, vb.pp("transform"))?
         };
         Ok(Self {
             time_mlp: candle_nn::linear(time_emb_dim, out_ch, vb.pp("time_mlp"))?,
-            conv1: candle_nn::conv2d(conv1_in, out_ch, 3, pad1, vb.pp("conv1"))?,
-            conv2: candle_nn::conv2d(out_ch, out_ch, 3, pad1, vb.pp("conv2"))?,
+            conv1: Conv::new(conv1_in, out_ch, 3, 1, 1, vb.pp("conv1"))?,
+            conv2: Conv::new(out_ch, out_ch, 3, 1, 1, vb.pp("conv2"))?,
             bnorm1: candle_nn::batch_norm(out_ch, 1e-5, vb.pp("bnorm1"))?,
             bnorm2: candle_nn::batch_norm(out_ch, 1e-5, vb.pp("bnorm2"))?,
             transform,
@@ -165,10 +133,7 @@ impl Block {
         let h = self
             .bnorm2
             .forward_t(&self.conv2.forward(&h)?.relu()?, train)?;
-        match &self.transform {
-            Transform::Down(c) => c.forward(&h),
-            Transform::Up(c) => c.forward(&h),
-        }
+        self.transform.forward(&h)
     }
 }
 
@@ -178,10 +143,10 @@ impl Block {
 pub struct SimpleUnet {
     config: SimpleUnetConfig,
     time_mlp: SeedTimeMlp,
-    conv0: Conv2d,
+    conv0: Conv,
     downs: Vec<Block>,
     ups: Vec<Block>,
-    output: Conv2d,
+    output: Conv,
 }
 
 impl SimpleUnet {
@@ -189,10 +154,6 @@ impl SimpleUnet {
     pub fn new(config: &SimpleUnetConfig, vb: VarBuilder<'_>) -> candle_core::Result<Self> {
         config.validate()?;
         let c = config;
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let downs = (0..c.down_channels.len() - 1)
             .map(|i| {
                 Block::new(
@@ -218,20 +179,22 @@ impl SimpleUnet {
         Ok(Self {
             config: config.clone(),
             time_mlp: SeedTimeMlp::new(c.time_emb_dim, vb.pp("time_mlp"))?,
-            conv0: candle_nn::conv2d(
+            conv0: Conv::new(
                 c.image_channels,
                 c.down_channels[0],
                 3,
-                pad1,
+                1,
+                1,
                 vb.pp("conv0"),
             )?,
             downs,
             ups,
-            output: candle_nn::conv2d(
+            output: Conv::new(
                 c.up_channels[c.up_channels.len() - 1],
                 c.out_dim,
                 1,
-                Default::default(),
+                1,
+                0,
                 vb.pp("output"),
             )?,
         })

@@ -1,12 +1,12 @@
 //! A port of diffusers' `UNet2DModel` (unconditional), read from its `config.json`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 use ddpm_embeddings::{SinusoidalConfig, TimestepEmbedding, timestep_embedding};
 use serde::{Deserialize, Serialize};
 
 use crate::Mode;
-use crate::layers::{Dropout, SpatialAttention, group_norm};
+use crate::layers::{Conv, Dropout, SpatialAttention, group_norm};
 
 /// A down block type of `UNet2DModel`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,12 +355,12 @@ impl Unet2dConfig {
 #[derive(Debug, Clone)]
 struct ResnetBlock2D {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv,
     time_emb_proj: candle_nn::Linear,
     norm2: GroupNorm,
     dropout: Dropout,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
+    conv2: Conv,
+    conv_shortcut: Option<Conv>,
     output_scale_factor: f64,
 }
 
@@ -372,28 +372,18 @@ impl ResnetBlock2D {
         output_scale_factor: f64,
         vb: VarBuilder<'_>,
     ) -> candle_core::Result<Self> {
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let conv_shortcut = if in_ch != out_ch {
-            Some(candle_nn::conv2d(
-                in_ch,
-                out_ch,
-                1,
-                Default::default(),
-                vb.pp("conv_shortcut"),
-            )?)
+            Some(Conv::new(in_ch, out_ch, 1, 1, 0, vb.pp("conv_shortcut"))?)
         } else {
             None
         };
         Ok(Self {
             norm1: group_norm(cfg.groups(), in_ch, cfg.norm_eps, vb.pp("norm1"))?,
-            conv1: candle_nn::conv2d(in_ch, out_ch, 3, pad1, vb.pp("conv1"))?,
+            conv1: Conv::new(in_ch, out_ch, 3, 1, 1, vb.pp("conv1"))?,
             time_emb_proj: candle_nn::linear(cfg.time_embed_dim(), out_ch, vb.pp("time_emb_proj"))?,
             norm2: group_norm(cfg.groups(), out_ch, cfg.norm_eps, vb.pp("norm2"))?,
             dropout: Dropout::new(cfg.dropout, &vb.prefix())?,
-            conv2: candle_nn::conv2d(out_ch, out_ch, 3, pad1, vb.pp("conv2"))?,
+            conv2: Conv::new(out_ch, out_ch, 3, 1, 1, vb.pp("conv2"))?,
             conv_shortcut,
             output_scale_factor,
         })
@@ -426,19 +416,14 @@ impl ResnetBlock2D {
 /// right and bottom edges by one.
 #[derive(Debug, Clone)]
 struct Downsample2D {
-    conv: Conv2d,
+    conv: Conv,
     pad_right_bottom: bool,
 }
 
 impl Downsample2D {
     fn new(ch: usize, padding: usize, vb: VarBuilder<'_>) -> candle_core::Result<Self> {
-        let cfg = Conv2dConfig {
-            padding,
-            stride: 2,
-            ..Default::default()
-        };
         Ok(Self {
-            conv: candle_nn::conv2d(ch, ch, 3, cfg, vb.pp("conv"))?,
+            conv: Conv::new(ch, ch, 3, 2, padding, vb.pp("conv"))?,
             pad_right_bottom: padding == 0,
         })
     }
@@ -456,17 +441,13 @@ impl Downsample2D {
 /// `Upsample2D` with a conv: nearest-neighbour 2x, then conv3x3.
 #[derive(Debug, Clone)]
 struct Upsample2D {
-    conv: Conv2d,
+    conv: Conv,
 }
 
 impl Upsample2D {
     fn new(ch: usize, vb: VarBuilder<'_>) -> candle_core::Result<Self> {
-        let cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         Ok(Self {
-            conv: candle_nn::conv2d(ch, ch, 3, cfg, vb.pp("conv"))?,
+            conv: Conv::new(ch, ch, 3, 1, 1, vb.pp("conv"))?,
         })
     }
 
@@ -610,13 +591,13 @@ struct MidBlock {
 #[derive(Debug, Clone)]
 pub struct Unet2d {
     config: Unet2dConfig,
-    conv_in: Conv2d,
+    conv_in: Conv,
     time_embedding: TimestepEmbedding,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl Unet2d {
@@ -627,11 +608,7 @@ impl Unet2d {
         let boc = &cfg.block_out_channels;
         let n = boc.len();
         let groups = cfg.groups();
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let conv_in = candle_nn::conv2d(cfg.in_channels, boc[0], 3, pad1, vb.pp("conv_in"))?;
+        let conv_in = Conv::new(cfg.in_channels, boc[0], 3, 1, 1, vb.pp("conv_in"))?;
         let time_embedding = TimestepEmbedding::new(
             boc[0],
             cfg.time_embed_dim(),
@@ -752,7 +729,7 @@ impl Unet2d {
             mid_block,
             up_blocks,
             conv_norm_out: group_norm(groups, boc[0], cfg.norm_eps, vb.pp("conv_norm_out"))?,
-            conv_out: candle_nn::conv2d(boc[0], cfg.out_channels, 3, pad1, vb.pp("conv_out"))?,
+            conv_out: Conv::new(boc[0], cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
 

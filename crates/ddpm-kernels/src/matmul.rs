@@ -1,0 +1,165 @@
+//! A checked, safe front to the `gemm` crate, and reusable scratch buffers.
+
+use std::sync::Mutex;
+
+/// A strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A contiguous row-major `rows x cols` matrix.
+    pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst = lhs * rhs`, or `dst += lhs * rhs` with `accumulate`; `dst` row-major with row stride
+/// `dst_rs`. Runs on candle's thread count. The split among threads is over output blocks,
+/// never over the shared dimension, so every element sums its products in the same order
+/// whatever the thread count.
+pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>, accumulate: bool) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k, "matmul: inner dimensions differ");
+    assert!(lhs.fits() && rhs.fits(), "matmul: operand out of bounds");
+    assert!(
+        m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len(),
+        "matmul: destination out of bounds"
+    );
+    assert!(n <= dst_rs || m <= 1, "matmul: destination rows overlap");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..][..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: the asserts above keep every index the call computes, `i * rs + j * cs` for
+    // `i < rows`, `j < cols`, inside its slice; `dst` is borrowed mutably, so it overlaps
+    // neither operand, and its rows do not overlap each other.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Scratch buffers kept between calls. A fresh large allocation costs a page fault and a
+/// page clear per 4 KiB on first touch; a convolution's column matrix is tens of megabytes, so
+/// reusing them saves a pass over memory per op. Callers overwrite what they use.
+static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// Buffers kept at most: a backward pass holds three at once.
+const POOL_SIZE: usize = 4;
+
+/// A scratch buffer of `len` elements (contents unspecified), back to the pool on drop.
+pub(crate) struct Scratch {
+    buf: Vec<f32>,
+    len: usize,
+}
+
+impl Scratch {
+    pub fn new(len: usize) -> Self {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        // The smallest kept buffer that is large enough, else the largest (grown).
+        let pick = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= len)
+            .min_by_key(|(_, b)| b.len())
+            .or_else(|| pool.iter().enumerate().max_by_key(|(_, b)| b.len()))
+            .map(|(i, _)| i);
+        let mut buf = pick.map(|i| pool.swap_remove(i)).unwrap_or_default();
+        drop(pool);
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        Self { buf, len }
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        pool.push(std::mem::take(&mut self.buf));
+        if pool.len() > POOL_SIZE {
+            // Drop the smallest.
+            let (i, _) = pool
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, b)| b.len())
+                .expect("not empty");
+            pool.swap_remove(i);
+        }
+    }
+}
