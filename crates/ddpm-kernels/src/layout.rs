@@ -1,6 +1,7 @@
-//! Data rearrangements around the matmuls: im2col, col2im and the `[B, C, L]` <-> `[C, B*L]`
-//! permutation. Each runs in parallel over pieces of its output that no other piece writes,
-//! and sums (col2im) in a fixed order, so results do not depend on the thread count.
+//! Data rearrangements around the matmuls: NCHW <-> NHWC, im2row and its adjoint row2im (on
+//! NHWC images), and the kernel permutation `[O, C, k, k]` <-> `[O, k, k, C]`. Each runs in
+//! parallel over pieces of its output that no other piece writes, and sums (row2im) in a
+//! fixed order, so results do not depend on the thread count.
 
 use rayon::prelude::*;
 
@@ -47,62 +48,102 @@ impl Geometry {
         self.c * self.k * self.k
     }
 
-    /// For kernel column `kx`: the output columns `ox` whose input column `ox * s + kx - p`
-    /// lies inside the image, and that input column for `ox = 0` (may be negative).
-    fn x_range(&self, kx: usize, wo: usize) -> (usize, usize, isize) {
-        let (s, first) = (self.stride, kx as isize - self.padding as isize);
-        let lo = if first >= 0 {
-            0
-        } else {
-            ((-first) as usize).div_ceil(s)
-        };
-        let hi = if (self.w as isize) > first {
-            ((self.w as isize - first) as usize).div_ceil(s).min(wo)
-        } else {
-            0
-        };
-        (lo.min(wo), hi.max(lo.min(wo)), first)
-    }
-
-    /// The input row read by output row `oy` at kernel row `ky`, if inside the image.
-    fn y_source(&self, oy: usize, ky: usize) -> Option<usize> {
-        let iy = (oy * self.stride + ky) as isize - self.padding as isize;
-        (0..self.h as isize).contains(&iy).then_some(iy as usize)
+    /// The input row (or column, with `w`) read by output row `o` at kernel offset `kk`, if
+    /// inside the image of extent `n`.
+    fn source(&self, o: usize, kk: usize, n: usize) -> Option<usize> {
+        let i = (o * self.stride + kk) as isize - self.padding as isize;
+        (0..n as isize).contains(&i).then_some(i as usize)
     }
 }
 
-/// `x` `[B, C, H, W]` into `cols` `[C*k*k, B*L]`: row `(ci, ky, kx)`, column `b * L + oy * Wo +
-/// ox` holds `x[b, ci, oy*s + ky - p, ox*s + kx - p]` (0 in the padding). Every element of
-/// `cols` is written.
-pub(crate) fn im2col(x: &[f32], b: usize, g: &Geometry, cols: &mut [f32]) {
-    let (ho, wo) = g.out_hw().expect("checked when the op was built");
-    let (l, k, hw) = (ho * wo, g.k, g.h * g.w);
-    debug_assert_eq!(x.len(), b * g.c * hw);
-    debug_assert_eq!(cols.len(), g.ckk() * b * l);
-    cols.par_chunks_mut(b * l)
-        .enumerate()
-        .for_each(|(row, dst)| {
-            let (ci, ky, kx) = (row / (k * k), (row / k) % k, row % k);
-            let (lo, hi, first) = g.x_range(kx, wo);
-            for bi in 0..b {
-                let plane = &x[(bi * g.c + ci) * hw..][..hw];
-                for oy in 0..ho {
-                    let d = &mut dst[bi * l + oy * wo..][..wo];
-                    let Some(iy) = g.y_source(oy, ky) else {
-                        d.fill(0.0);
-                        continue;
-                    };
-                    let src = &plane[iy * g.w..][..g.w];
-                    d[..lo].fill(0.0);
-                    d[hi..].fill(0.0);
-                    if lo < hi {
-                        let start = (lo as isize * g.stride as isize + first) as usize;
-                        if g.stride == 1 {
-                            d[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
-                        } else {
-                            for (o, ix) in d[lo..hi].iter_mut().zip((start..).step_by(g.stride)) {
-                                *o = src[ix];
+/// Block edge of the tiled transposes.
+const TILE: usize = 32;
+
+/// Transposes each of `b` matrices `[r, c]` of `x` into `out` (`[c, r]` each), adding
+/// `bias[j]` to column `j` of the source where given.
+fn transpose_batch(x: &[f32], b: usize, r: usize, c: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+    debug_assert_eq!(x.len(), b * r * c);
+    debug_assert_eq!(out.len(), b * r * c);
+    if r * c == 0 {
+        return;
+    }
+    // Tasks: one band of TILE output rows (source columns) of one matrix.
+    let bands = c.div_ceil(TILE);
+    out.par_chunks_mut(r * c)
+        .zip(x.par_chunks(r * c))
+        .for_each(|(o, xm)| {
+            o.par_chunks_mut(TILE * r)
+                .enumerate()
+                .for_each(|(band, ob)| {
+                    let j0 = band * TILE;
+                    let jn = (c - j0).min(TILE);
+                    debug_assert!(band < bands);
+                    for i0 in (0..r).step_by(TILE) {
+                        let in_ = (r - i0).min(TILE);
+                        for j in 0..jn {
+                            let add = bias.map_or(0.0, |v| v[j0 + j]);
+                            let dst = &mut ob[j * r + i0..][..in_];
+                            for (i, d) in dst.iter_mut().enumerate() {
+                                *d = xm[(i0 + i) * c + j0 + j] + add;
                             }
+                        }
+                    }
+                });
+        });
+}
+
+/// NCHW `[B, C, H*W]` to NHWC `[B, H*W, C]`.
+pub(crate) fn nchw_to_nhwc(x: &[f32], b: usize, c: usize, hw: usize, out: &mut [f32]) {
+    transpose_batch(x, b, c, hw, None, out);
+}
+
+/// NHWC `[B, H*W, C]` to NCHW `[B, C, H*W]`, adding `bias[c]` where given.
+pub(crate) fn nhwc_to_nchw(
+    x: &[f32],
+    b: usize,
+    c: usize,
+    hw: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    transpose_batch(x, b, hw, c, bias, out);
+}
+
+/// A kernel `[O, C, k, k]` as `[O, k, k, C]` (the column order of [`im2row`]).
+pub(crate) fn kernel_to_rows(w: &[f32], o: usize, c: usize, kk: usize, out: &mut [f32]) {
+    transpose_batch(w, o, c, kk, None, out);
+}
+
+/// A kernel `[O, k, k, C]` back to `[O, C, k, k]`.
+pub(crate) fn kernel_from_rows(w: &[f32], o: usize, c: usize, kk: usize, out: &mut [f32]) {
+    transpose_batch(w, o, kk, c, None, out);
+}
+
+/// NHWC `x` `[B, H, W, C]` into `rows` `[B*L, k*k*C]`: row `b * L + oy * Wo + ox` is the
+/// receptive field of that output position, `(ky, kx, ci)` holding `x[b, oy*s + ky - p, ox*s +
+/// kx - p, ci]` (0 in the padding). Every element of `rows` is written.
+pub(crate) fn im2row(x: &[f32], b: usize, g: &Geometry, rows: &mut [f32]) {
+    let (ho, wo) = g.out_hw().expect("checked when the op was built");
+    let (c, k) = (g.c, g.k);
+    let width = k * k * c;
+    debug_assert_eq!(x.len(), b * g.h * g.w * c);
+    debug_assert_eq!(rows.len(), b * ho * wo * width);
+    // Tasks: one output row (b, oy): Wo rows of the matrix.
+    rows.par_chunks_mut(wo * width)
+        .enumerate()
+        .for_each(|(task, dst)| {
+            let (bi, oy) = (task / ho, task % ho);
+            let image = &x[bi * g.h * g.w * c..][..g.h * g.w * c];
+            for (ox, row) in dst.chunks_mut(width).enumerate() {
+                for ky in 0..k {
+                    let iy = g.source(oy, ky, g.h);
+                    for kx in 0..k {
+                        let d = &mut row[(ky * k + kx) * c..][..c];
+                        match (iy, g.source(ox, kx, g.w)) {
+                            (Some(iy), Some(ix)) => {
+                                d.copy_from_slice(&image[(iy * g.w + ix) * c..][..c])
+                            }
+                            _ => d.fill(0.0),
                         }
                     }
                 }
@@ -110,39 +151,31 @@ pub(crate) fn im2col(x: &[f32], b: usize, g: &Geometry, cols: &mut [f32]) {
         });
 }
 
-/// The adjoint of [`im2col`]: `cols` `[C*k*k, B*L]` summed into `out` `[B, C, H, W]`, each
-/// plane first set to `init[c]` (0 without `init`). Every element of `out` is written.
-pub(crate) fn col2im(cols: &[f32], b: usize, g: &Geometry, init: Option<&[f32]>, out: &mut [f32]) {
+/// The adjoint of [`im2row`]: `rows` `[B*L, k*k*C]` summed into NHWC `out` `[B, H, W, C]`.
+/// Every element of `out` is written.
+pub(crate) fn row2im(rows: &[f32], b: usize, g: &Geometry, out: &mut [f32]) {
     let (ho, wo) = g.out_hw().expect("checked when the op was built");
-    let (l, k, hw) = (ho * wo, g.k, g.h * g.w);
-    debug_assert_eq!(out.len(), b * g.c * hw);
-    debug_assert_eq!(cols.len(), g.ckk() * b * l);
-    out.par_chunks_mut(hw).enumerate().for_each(|(plane, o)| {
-        let (bi, ci) = (plane / g.c, plane % g.c);
-        o.fill(init.map_or(0.0, |v| v[ci]));
-        for ky in 0..k {
-            for kx in 0..k {
-                let row = (ci * k + ky) * k + kx;
-                let src = &cols[row * b * l + bi * l..][..l];
-                let (lo, hi, first) = g.x_range(kx, wo);
-                if lo >= hi {
+    let (c, k) = (g.c, g.k);
+    let width = k * k * c;
+    let image = g.h * g.w * c;
+    debug_assert_eq!(out.len(), b * image);
+    debug_assert_eq!(rows.len(), b * ho * wo * width);
+    out.par_chunks_mut(image).enumerate().for_each(|(bi, o)| {
+        o.fill(0.0);
+        let src = &rows[bi * ho * wo * width..][..ho * wo * width];
+        for (pos, row) in src.chunks(width).enumerate() {
+            let (oy, ox) = (pos / wo, pos % wo);
+            for ky in 0..k {
+                let Some(iy) = g.source(oy, ky, g.h) else {
                     continue;
-                }
-                for oy in 0..ho {
-                    let Some(iy) = g.y_source(oy, ky) else {
+                };
+                for kx in 0..k {
+                    let Some(ix) = g.source(ox, kx, g.w) else {
                         continue;
                     };
-                    let s = &src[oy * wo..][..wo];
-                    let dst = &mut o[iy * g.w..][..g.w];
-                    let start = (lo as isize * g.stride as isize + first) as usize;
-                    if g.stride == 1 {
-                        for (d, v) in dst[start..start + hi - lo].iter_mut().zip(&s[lo..hi]) {
-                            *d += v;
-                        }
-                    } else {
-                        for (ix, v) in (start..).step_by(g.stride).zip(&s[lo..hi]) {
-                            dst[ix] += v;
-                        }
+                    let d = &mut o[(iy * g.w + ix) * c..][..c];
+                    for (d, v) in d.iter_mut().zip(&row[(ky * k + kx) * c..][..c]) {
+                        *d += v;
                     }
                 }
             }
@@ -150,42 +183,7 @@ pub(crate) fn col2im(cols: &[f32], b: usize, g: &Geometry, init: Option<&[f32]>,
     });
 }
 
-/// `[B, C, L]` to `[C, B*L]`.
-pub(crate) fn to_cbl(x: &[f32], b: usize, c: usize, l: usize, out: &mut [f32]) {
-    debug_assert_eq!(x.len(), b * c * l);
-    debug_assert_eq!(out.len(), b * c * l);
-    out.par_chunks_mut(l).enumerate().for_each(|(i, o)| {
-        let (ci, bi) = (i / b, i % b);
-        o.copy_from_slice(&x[(bi * c + ci) * l..][..l]);
-    });
-}
-
-/// `[C, B*L]` to `[B, C, L]`, adding `bias[c]` where given.
-pub(crate) fn from_cbl(
-    x: &[f32],
-    b: usize,
-    c: usize,
-    l: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    debug_assert_eq!(x.len(), b * c * l);
-    debug_assert_eq!(out.len(), b * c * l);
-    out.par_chunks_mut(l).enumerate().for_each(|(i, o)| {
-        let (bi, ci) = (i / c, i % c);
-        let src = &x[(ci * b + bi) * l..][..l];
-        match bias {
-            Some(bias) => {
-                for (d, v) in o.iter_mut().zip(src) {
-                    *d = v + bias[ci];
-                }
-            }
-            None => o.copy_from_slice(src),
-        }
-    });
-}
-
-/// Per-channel sums of `x` `[B, C, L]` over `B` and `L`, in f64, in a fixed order.
+/// Per-channel sums of NCHW `x` `[B, C, L]` over `B` and `L`, in f64, in a fixed order.
 pub(crate) fn channel_sums(x: &[f32], b: usize, c: usize, l: usize) -> Vec<f32> {
     (0..c)
         .into_par_iter()
@@ -199,12 +197,5 @@ pub(crate) fn channel_sums(x: &[f32], b: usize, c: usize, l: usize) -> Vec<f32> 
                 })
                 .sum::<f64>() as f32
         })
-        .collect()
-}
-
-/// Row sums of `x` `[C, N]`, in f64, in a fixed order.
-pub(crate) fn row_sums(x: &[f32], n: usize) -> Vec<f32> {
-    x.par_chunks(n)
-        .map(|r| r.iter().map(|&v| f64::from(v)).sum::<f64>() as f32)
         .collect()
 }

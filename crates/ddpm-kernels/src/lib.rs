@@ -37,13 +37,11 @@ mod layout;
 mod matmul;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
-use layout::{Geometry, channel_sums, col2im, from_cbl, im2col, row_sums, to_cbl};
+use layout::{
+    Geometry, channel_sums, im2row, kernel_from_rows, kernel_to_rows, nchw_to_nhwc, nhwc_to_nchw,
+    row2im,
+};
 use matmul::{Mat, Scratch, matmul};
-use rayon::prelude::*;
-
-/// Output positions from which a forward `conv2d` multiplies image by image straight into the
-/// output; below it, one matmul over the whole batch and a permutation.
-const PER_IMAGE_MIN_POSITIONS: usize = 256;
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
@@ -81,90 +79,124 @@ struct ConvTranspose2d {
 }
 
 impl Conv2d {
+    /// The receptive fields of NCHW `x` as rows `[B*L, k*k*C]`.
+    fn rows(&self, x: &[f32], b: usize) -> Scratch {
+        let g = &self.g;
+        let mut xh = Scratch::new(x.len());
+        nchw_to_nhwc(x, b, g.c, g.h * g.w, &mut xh);
+        let mut rows = Scratch::new(b * g.l() * g.ckk());
+        im2row(&xh, b, g, &mut rows);
+        rows
+    }
+
+    /// The kernel as `[C_out, k*k*C]`, the column order of the rows.
+    fn kernel_rows(&self, w: &[f32]) -> Scratch {
+        let mut wr = Scratch::new(w.len());
+        kernel_to_rows(w, self.c_out, self.g.c, self.g.k * self.g.k, &mut wr);
+        wr
+    }
+
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32> {
         let (g, c_out) = (&self.g, self.c_out);
         let (l, ckk) = (g.l(), g.ckk());
-        let mut cols = Scratch::new(ckk * b * l);
-        im2col(x, b, g, &mut cols);
+        let rows = self.rows(x, b);
+        let wr = self.kernel_rows(w);
+        // [B*L, C_out] = rows [B*L, k*k*C] times the kernel transposed: positions along the
+        // matmul's long side, the shape `gemm` runs fastest.
+        let mut yh = Scratch::new(b * l * c_out);
+        matmul(
+            &mut yh,
+            c_out,
+            Mat::rows(&rows, b * l, ckk),
+            Mat::rows(&wr, c_out, ckk).t(),
+            false,
+        );
+        drop(rows);
         let mut y = vec![0f32; b * c_out * l];
-        let w = Mat::rows(w, c_out, ckk);
-        if l >= PER_IMAGE_MIN_POSITIONS {
-            y.par_chunks_mut(l)
-                .enumerate()
-                .for_each(|(i, o)| o.fill(bias[i % c_out]));
-            for (bi, yb) in y.chunks_mut(c_out * l).enumerate() {
-                let cols_b = Mat {
-                    data: &cols[bi * l..],
-                    rows: ckk,
-                    cols: l,
-                    rs: b * l,
-                    cs: 1,
-                };
-                matmul(yb, l, w, cols_b, true);
-            }
-        } else {
-            let mut yt = Scratch::new(c_out * b * l);
-            matmul(&mut yt, b * l, w, Mat::rows(&cols, ckk, b * l), false);
-            from_cbl(&yt, b, c_out, l, Some(bias), &mut y);
-        }
+        nhwc_to_nchw(&yh, b, c_out, l, Some(bias), &mut y);
         y
     }
 
     /// `(dx, dw, db)` from the input, the kernel and the output gradient.
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], b: usize) -> [Vec<f32>; 3] {
         let (g, c_out) = (&self.g, self.c_out);
-        let (l, ckk) = (g.l(), g.ckk());
-        let mut dyt = Scratch::new(c_out * b * l);
-        to_cbl(dy, b, c_out, l, &mut dyt);
-        let dyt = Mat::rows(&dyt, c_out, b * l);
-        let db = row_sums(dyt.data, b * l);
-        let mut cols = Scratch::new(ckk * b * l);
-        im2col(x, b, g, &mut cols);
+        let (l, ckk, hw) = (g.l(), g.ckk(), g.h * g.w);
+        let db = channel_sums(dy, b, c_out, l);
+        let mut dyh = Scratch::new(b * l * c_out);
+        nchw_to_nhwc(dy, b, c_out, l, &mut dyh);
+        let dyh = Mat::rows(&dyh, b * l, c_out);
+        let mut rows = self.rows(x, b);
+        let mut dwr = Scratch::new(c_out * ckk);
+        matmul(&mut dwr, ckk, dyh.t(), Mat::rows(&rows, b * l, ckk), false);
         let mut dw = vec![0f32; c_out * ckk];
-        matmul(&mut dw, ckk, dyt, Mat::rows(&cols, ckk, b * l).t(), false);
-        // The column gradient reuses the column buffer.
-        matmul(&mut cols, b * l, Mat::rows(w, c_out, ckk).t(), dyt, false);
-        let mut dx = vec![0f32; b * g.c * g.h * g.w];
-        col2im(&cols, b, g, None, &mut dx);
+        kernel_from_rows(&dwr, c_out, g.c, g.k * g.k, &mut dw);
+        drop(dwr);
+        // The gradient of the rows reuses their buffer.
+        let wr = self.kernel_rows(w);
+        matmul(&mut rows, ckk, dyh, Mat::rows(&wr, c_out, ckk), false);
+        drop(wr);
+        let mut dxh = Scratch::new(b * hw * g.c);
+        row2im(&rows, b, g, &mut dxh);
+        drop(rows);
+        let mut dx = vec![0f32; b * g.c * hw];
+        nhwc_to_nchw(&dxh, b, g.c, hw, None, &mut dx);
         [dx, dw, db]
     }
 }
 
 impl ConvTranspose2d {
+    /// The kernel `[C_in, C_out, k, k]` as `[C_in, k*k*C_out]`.
+    fn kernel_rows(&self, w: &[f32]) -> Scratch {
+        let mut wr = Scratch::new(w.len());
+        kernel_to_rows(w, self.c_in, self.g.c, self.g.k * self.g.k, &mut wr);
+        wr
+    }
+
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32> {
         let (g, c_in) = (&self.g, self.c_in);
-        let (l, ckk) = (g.l(), g.ckk());
-        let mut xt = Scratch::new(c_in * b * l);
-        to_cbl(x, b, c_in, l, &mut xt);
-        let mut cols = Scratch::new(ckk * b * l);
+        let (l, ckk, hw) = (g.l(), g.ckk(), g.h * g.w);
+        let mut xh = Scratch::new(b * l * c_in);
+        nchw_to_nhwc(x, b, c_in, l, &mut xh);
+        let wr = self.kernel_rows(w);
+        let mut rows = Scratch::new(b * l * ckk);
         matmul(
-            &mut cols,
-            b * l,
-            Mat::rows(w, c_in, ckk).t(),
-            Mat::rows(&xt, c_in, b * l),
+            &mut rows,
+            ckk,
+            Mat::rows(&xh, b * l, c_in),
+            Mat::rows(&wr, c_in, ckk),
             false,
         );
-        drop(xt);
-        let mut y = vec![0f32; b * g.c * g.h * g.w];
-        col2im(&cols, b, g, Some(bias), &mut y);
+        drop((xh, wr));
+        let mut yh = Scratch::new(b * hw * g.c);
+        row2im(&rows, b, g, &mut yh);
+        drop(rows);
+        let mut y = vec![0f32; b * g.c * hw];
+        nhwc_to_nchw(&yh, b, g.c, hw, Some(bias), &mut y);
         y
     }
 
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], b: usize) -> [Vec<f32>; 3] {
         let (g, c_in) = (&self.g, self.c_in);
-        let (l, ckk) = (g.l(), g.ckk());
-        let mut cols = Scratch::new(ckk * b * l);
-        im2col(dy, b, g, &mut cols);
-        let cols = Mat::rows(&cols, ckk, b * l);
-        let mut xt = Scratch::new(c_in * b * l);
-        to_cbl(x, b, c_in, l, &mut xt);
-        let mut dw = vec![0f32; c_in * ckk];
-        matmul(&mut dw, ckk, Mat::rows(&xt, c_in, b * l), cols.t(), false);
-        // The input gradient (as [C_in, B*L]) reuses the buffer of the permuted input.
-        matmul(&mut xt, b * l, Mat::rows(w, c_in, ckk), cols, false);
+        let (l, ckk, hw) = (g.l(), g.ckk(), g.h * g.w);
+        let db = channel_sums(dy, b, g.c, hw);
+        let mut dyh = Scratch::new(b * hw * g.c);
+        nchw_to_nhwc(dy, b, g.c, hw, &mut dyh);
+        let mut rows = Scratch::new(b * l * ckk);
+        im2row(&dyh, b, g, &mut rows);
+        drop(dyh);
+        let rows = Mat::rows(&rows, b * l, ckk);
+        let wr = self.kernel_rows(w);
+        let mut buf = Scratch::new(b * l * c_in);
+        matmul(&mut buf, c_in, rows, Mat::rows(&wr, c_in, ckk).t(), false);
+        drop(wr);
         let mut dx = vec![0f32; b * c_in * l];
-        from_cbl(&xt, b, c_in, l, None, &mut dx);
-        let db = channel_sums(dy, b, g.c, g.h * g.w);
+        nhwc_to_nchw(&buf, b, c_in, l, None, &mut dx);
+        // The input as [B*L, C_in], in the same buffer.
+        nchw_to_nhwc(x, b, c_in, l, &mut buf);
+        let mut dwr = Scratch::new(c_in * ckk);
+        matmul(&mut dwr, ckk, Mat::rows(&buf, b * l, c_in).t(), rows, false);
+        let mut dw = vec![0f32; c_in * ckk];
+        kernel_from_rows(&dwr, c_in, g.c, g.k * g.k, &mut dw);
         [dx, dw, db]
     }
 }
