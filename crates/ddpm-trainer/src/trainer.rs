@@ -97,27 +97,97 @@ impl AdamW {
         let bc1 = 1.0 - o.beta1.powi(t);
         let bc2_sqrt = (1.0 - o.beta2.powi(t)).sqrt();
         for ((name, var), g) in params.iter().zip(grads) {
-            // Detached: a gradient (and all derived from it) must not keep the step's graph
-            // alive, or every step's graph stays in memory through the moments.
-            let g = g.detach();
-            let g = if grad_scale == 1.0 {
-                g
-            } else {
-                (g * grad_scale)?
-            };
             let missing = || candle_core::Error::Msg(format!("no AdamW state for {name}"));
-            let m = ((self.m.get(name).ok_or_else(missing)? * o.beta1)? + (&g * (1.0 - o.beta1))?)?;
-            let v = ((self.v.get(name).ok_or_else(missing)? * o.beta2)?
-                + (g.sqr()? * (1.0 - o.beta2))?)?;
-            let p = (var.as_tensor().detach() * (1.0 - lr * o.weight_decay))?;
-            let denom = ((v.sqrt()? / bc2_sqrt)? + o.eps)?;
-            let p = (p - ((&m / denom)? * (lr / bc1))?)?;
+            let (m, v) = (
+                self.m.get(name).ok_or_else(missing)?,
+                self.v.get(name).ok_or_else(missing)?,
+            );
+            let (p, m, v) = if var.device().is_cpu() && var.dtype() == DType::F32 {
+                fused_step(&o, var.as_tensor(), g, m, v, grad_scale, lr, bc1, bc2_sqrt)?
+            } else {
+                // Detached: a gradient (and all derived from it) must not keep the step's
+                // graph alive, or every step's graph stays in memory through the moments.
+                let g = g.detach();
+                let g = if grad_scale == 1.0 {
+                    g
+                } else {
+                    (g * grad_scale)?
+                };
+                let m = ((m * o.beta1)? + (&g * (1.0 - o.beta1))?)?;
+                let v = ((v * o.beta2)? + (g.sqr()? * (1.0 - o.beta2))?)?;
+                let p = (var.as_tensor().detach() * (1.0 - lr * o.weight_decay))?;
+                let denom = ((v.sqrt()? / bc2_sqrt)? + o.eps)?;
+                let p = (p - ((&m / denom)? * (lr / bc1))?)?;
+                (p, m, v)
+            };
             var.set(&p)?;
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);
         }
         Ok(())
     }
+}
+
+/// The AdamW update of one f32 CPU parameter in one pass over its memory (the op-by-op form
+/// makes a dozen passes and as many allocations, which dominate the step of a large model).
+/// The same f32 arithmetic as the op-by-op form (candle's `tensor * f64` and `tensor / f64`
+/// multiply by the f32-rounded factor), element by element, so the results are the same bits
+/// and do not depend on the thread count.
+#[allow(clippy::too_many_arguments)]
+fn fused_step(
+    o: &AdamWConfig,
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    grad_scale: f64,
+    lr: f64,
+    bc1: f64,
+    bc2_sqrt: f64,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    use rayon::prelude::*;
+    let read = |t: &Tensor| t.detach().flatten_all()?.to_vec1::<f32>();
+    let (mut pv, gv, mut mv, mut vv) = (read(p)?, read(g)?, read(m)?, read(v)?);
+    if gv.len() != pv.len() || mv.len() != pv.len() || vv.len() != pv.len() {
+        candle_core::bail!(
+            "AdamW: gradient or moments of {:?} have the wrong size",
+            p.dims()
+        );
+    }
+    let f = |x: f64| x as f32;
+    let (scale, b1, c1, b2, c2) = (
+        f(grad_scale),
+        f(o.beta1),
+        f(1.0 - o.beta1),
+        f(o.beta2),
+        f(1.0 - o.beta2),
+    );
+    let (decay, inv_bc2, eps, step) = (
+        f(1.0 - lr * o.weight_decay),
+        f(1.0 / bc2_sqrt),
+        f(o.eps),
+        f(lr / bc1),
+    );
+    const CHUNK: usize = 1 << 14;
+    pv.par_chunks_mut(CHUNK)
+        .zip(mv.par_chunks_mut(CHUNK))
+        .zip(vv.par_chunks_mut(CHUNK))
+        .zip(gv.par_chunks(CHUNK))
+        .for_each(|(((p, m), v), g)| {
+            for i in 0..p.len() {
+                let g = if grad_scale == 1.0 {
+                    g[i]
+                } else {
+                    g[i] * scale
+                };
+                m[i] = m[i] * b1 + g * c1;
+                v[i] = v[i] * b2 + g * g * c2;
+                let denom = v[i].sqrt() * inv_bc2 + eps;
+                p[i] = p[i] * decay - m[i] / denom * step;
+            }
+        });
+    let back = |x: Vec<f32>| Tensor::from_vec(x, p.shape(), p.device());
+    Ok((back(pv)?, back(mv)?, back(vv)?))
 }
 
 /// One EMA update, diffusers' `s -= (1 - decay) (s - p)`.
