@@ -373,3 +373,34 @@ fn bad_configs_and_mismatched_data_are_errors() {
             .contains("\"huge\"")
     );
 }
+
+/// Three training steps of both U-Nets (convolutions, norms, attention, AdamW, EMA) give the same
+/// bits with 1, 2 and 5 threads.
+#[test]
+fn training_does_not_depend_on_the_thread_count() {
+    ddpm_testutil::assert_same_across_thread_counts(
+        "training_does_not_depend_on_the_thread_count",
+        "DDPM_TRAINER_CHILD",
+        &["1", "2", "5"],
+        || {
+            let mut words = Vec::new();
+            for model in [tiny().model, tiny_unet2d()] {
+                let mut config = tiny();
+                config.model = model;
+                config.steps = 3;
+                config.batch_size = 4;
+                let mut trainer = Trainer::new(config, digits(16), "d", &Device::Cpu).unwrap();
+                for _ in 0..3 {
+                    trainer.train_step().unwrap();
+                }
+                for (_, v) in bits(&trainer.model_tensors())
+                    .into_iter()
+                    .chain(bits(trainer.ema_tensors()))
+                {
+                    words.extend(v);
+                }
+            }
+            ddpm_testutil::fnv1a(words)
+        },
+    );
+}
