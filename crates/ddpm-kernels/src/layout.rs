@@ -92,6 +92,11 @@ fn transpose_batch(x: &[f32], b: usize, r: usize, c: usize, bias: Option<&[f32]>
         });
 }
 
+/// A matrix `[r, c]` to `[c, r]`.
+pub(crate) fn transpose(x: &[f32], r: usize, c: usize, out: &mut [f32]) {
+    transpose_batch(x, 1, r, c, None, out);
+}
+
 /// NCHW `[B, C, H*W]` to NHWC `[B, H*W, C]`.
 pub(crate) fn nchw_to_nhwc(x: &[f32], b: usize, c: usize, hw: usize, out: &mut [f32]) {
     transpose_batch(x, b, c, hw, None, out);

@@ -45,9 +45,13 @@ mod matmul;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use layout::{
     Geometry, channel_sums, im2row, kernel_from_rows, kernel_to_rows, nchw_to_nhwc, nhwc_to_nchw,
-    row2im,
+    row2im, transpose,
 };
 use matmul::{Mat, Scratch, matmul};
+
+/// Output positions (batch times map) from which `conv2d`'s kernel gradient is computed
+/// transposed.
+const LONG_REDUCTION: usize = 1 << 15;
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
@@ -133,7 +137,21 @@ impl Conv2d {
         let dyh = Mat::rows(&dyh, b * l, c_out);
         let mut rows = self.rows(x, b);
         let mut dwr = Scratch::new(c_out * ckk);
-        matmul(&mut dwr, ckk, dyh.t(), Mat::rows(&rows, b * l, ckk), false);
+        if b * l >= LONG_REDUCTION {
+            // dw^T [k*k*C, C_out] = rows^T dy, then a transpose: with this many positions
+            // gemm runs this orientation faster (measured ~10% on 32x32 maps at batch 64).
+            let mut dwt = Scratch::new(c_out * ckk);
+            matmul(
+                &mut dwt,
+                c_out,
+                Mat::rows(&rows, b * l, ckk).t(),
+                dyh,
+                false,
+            );
+            transpose(&dwt, ckk, c_out, &mut dwr);
+        } else {
+            matmul(&mut dwr, ckk, dyh.t(), Mat::rows(&rows, b * l, ckk), false);
+        }
         let mut dw = vec![0f32; c_out * ckk];
         kernel_from_rows(&dwr, c_out, g.c, g.k * g.k, &mut dw);
         drop(dwr);

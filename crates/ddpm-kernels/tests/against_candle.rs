@@ -24,7 +24,7 @@ fn close(what: &str, a: &Tensor, b: &Tensor) {
 /// (batch, c_in, c_out, h, w, k, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CASES: [Case; 10] = [
+const CASES: [Case; 11] = [
     (1, 1, 1, 5, 5, 3, 1, 1),
     (2, 3, 4, 7, 9, 3, 1, 1),
     (1, 4, 2, 8, 8, 4, 2, 1),
@@ -33,9 +33,11 @@ const CASES: [Case; 10] = [
     (1, 3, 3, 11, 6, 5, 2, 2),
     (2, 6, 4, 16, 16, 3, 1, 1),
     (1, 2, 2, 3, 3, 3, 1, 0),
-    // 16x16 and more output positions: conv2d multiplies image by image into the output.
+    // Larger maps, odd sizes.
     (3, 3, 5, 17, 16, 3, 1, 1),
     (2, 4, 3, 34, 33, 4, 2, 1),
+    // 2 x 128 x 128 = 32768 output positions: conv2d's kernel gradient takes its other path.
+    (2, 2, 3, 128, 128, 3, 1, 1),
 ];
 
 fn randn(rng: &mut NoiseSource, shape: &[usize]) -> Tensor {
@@ -201,8 +203,8 @@ fn mismatched_shapes_are_errors() {
     );
 }
 
-/// Forward and backward of both ops at shapes that take every path (per image and batched,
-/// strides 1 and 2) are bitwise the same with 1, 2 and 5 threads.
+/// Forward and backward of both ops at shapes that take every path (both orientations of the
+/// kernel gradient, strides 1 and 2) are bitwise the same with 1, 2 and 5 threads.
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
     ddpm_testutil::assert_same_across_thread_counts(
@@ -212,7 +214,11 @@ fn results_do_not_depend_on_the_thread_count() {
         || {
             let mut rng = NoiseSource::new(3);
             let mut words: Vec<u32> = Vec::new();
-            for (b, ci, co, h, k, s, p) in [(4, 6, 8, 20, 3, 1, 1), (3, 8, 5, 9, 4, 2, 1)] {
+            for (b, ci, co, h, k, s, p) in [
+                (4, 6, 8, 20, 3, 1, 1),
+                (3, 8, 5, 9, 4, 2, 1),
+                (2, 3, 4, 128, 3, 1, 1),
+            ] {
                 let x = Var::from_tensor(&randn(&mut rng, &[b, ci, h, h])).unwrap();
                 let w = Var::from_tensor(&randn(&mut rng, &[co, ci, k, k])).unwrap();
                 let wt = Var::from_tensor(&randn(&mut rng, &[ci, co, k, k])).unwrap();
