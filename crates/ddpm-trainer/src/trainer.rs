@@ -3,12 +3,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use ddpm_data::{Batches, DataPosition, ImageSet};
 use ddpm_forward::{ForwardProcess, NoiseSource, NoiseState, Prediction};
 use ddpm_schedule::{Schedule, Table};
 use ddpm_unet::{Mode, Unet, init_seeded, is_buffer};
+use rayon::prelude::*;
 
 use crate::{AdamWConfig, Loss, TrainConfig};
 
@@ -46,12 +47,31 @@ pub enum TrainError {
 
 /// AdamW (PyTorch's single-tensor algorithm) with its moment estimates in the open, so they can
 /// be checkpointed and restored (candle's own keeps them private).
-#[derive(Debug, Clone)]
+///
+/// On the CPU the moments are updated in place: a clone copies them, so it never sees the
+/// original's later steps.
+#[derive(Debug)]
 pub struct AdamW {
     pub(crate) config: AdamWConfig,
     pub(crate) m: HashMap<String, Tensor>,
     pub(crate) v: HashMap<String, Tensor>,
     pub(crate) t: u64,
+}
+
+impl Clone for AdamW {
+    fn clone(&self) -> Self {
+        let copy = |m: &HashMap<String, Tensor>| -> HashMap<String, Tensor> {
+            m.iter()
+                .map(|(k, t)| (k.clone(), t.copy().expect("copying a tensor on its device")))
+                .collect()
+        };
+        Self {
+            config: self.config,
+            m: copy(&self.m),
+            v: copy(&self.v),
+            t: self.t,
+        }
+    }
 }
 
 impl AdamW {
@@ -102,24 +122,57 @@ impl AdamW {
                 self.m.get(name).ok_or_else(missing)?,
                 self.v.get(name).ok_or_else(missing)?,
             );
-            let (p, m, v) = if var.device().is_cpu() && var.dtype() == DType::F32 {
-                fused_step(&o, var.as_tensor(), g, m, v, grad_scale, lr, bc1, bc2_sqrt)?
+            if in_place_ok(&[var.as_tensor(), g, m, v]) {
+                // In place: a large model's step otherwise allocates (and the allocator
+                // clears) three parameter-sized buffers. The arithmetic is the op-by-op form's
+                // below (candle's `tensor * f64` and `tensor / f64` multiply by the
+                // f32-rounded factor), element by element, so the results are the same bits
+                // and do not depend on the thread count.
+                let f = |x: f64| x as f32;
+                let scale = (grad_scale != 1.0).then(|| f(grad_scale));
+                m.inplace_op2(
+                    g,
+                    &MomentUpdate {
+                        decay: f(o.beta1),
+                        weight: f(1.0 - o.beta1),
+                        grad_scale: scale,
+                        square: false,
+                    },
+                )?;
+                v.inplace_op2(
+                    g,
+                    &MomentUpdate {
+                        decay: f(o.beta2),
+                        weight: f(1.0 - o.beta2),
+                        grad_scale: scale,
+                        square: true,
+                    },
+                )?;
+                var.as_tensor().inplace_op3(
+                    m,
+                    v,
+                    &ParamUpdate {
+                        decay: f(1.0 - lr * o.weight_decay),
+                        inv_bc2: f(1.0 / bc2_sqrt),
+                        eps: f(o.eps),
+                        step: f(lr / bc1),
+                    },
+                )?;
+                continue;
+            }
+            // Detached: a gradient (and all derived from it) must not keep the step's graph
+            // alive, or every step's graph stays in memory through the moments.
+            let g = g.detach();
+            let g = if grad_scale == 1.0 {
+                g
             } else {
-                // Detached: a gradient (and all derived from it) must not keep the step's
-                // graph alive, or every step's graph stays in memory through the moments.
-                let g = g.detach();
-                let g = if grad_scale == 1.0 {
-                    g
-                } else {
-                    (g * grad_scale)?
-                };
-                let m = ((m * o.beta1)? + (&g * (1.0 - o.beta1))?)?;
-                let v = ((v * o.beta2)? + (g.sqr()? * (1.0 - o.beta2))?)?;
-                let p = (var.as_tensor().detach() * (1.0 - lr * o.weight_decay))?;
-                let denom = ((v.sqrt()? / bc2_sqrt)? + o.eps)?;
-                let p = (p - ((&m / denom)? * (lr / bc1))?)?;
-                (p, m, v)
+                (g * grad_scale)?
             };
+            let m = ((m * o.beta1)? + (&g * (1.0 - o.beta1))?)?;
+            let v = ((v * o.beta2)? + (g.sqr()? * (1.0 - o.beta2))?)?;
+            let p = (var.as_tensor().detach() * (1.0 - lr * o.weight_decay))?;
+            let denom = ((v.sqrt()? / bc2_sqrt)? + o.eps)?;
+            let p = (p - ((&m / denom)? * (lr / bc1))?)?;
             var.set(&p)?;
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);
@@ -128,66 +181,109 @@ impl AdamW {
     }
 }
 
-/// The AdamW update of one f32 CPU parameter in one pass over its memory (the op-by-op form
-/// makes a dozen passes and as many allocations, which dominate the step of a large model).
-/// The same f32 arithmetic as the op-by-op form (candle's `tensor * f64` and `tensor / f64`
-/// multiply by the f32-rounded factor), element by element, so the results are the same bits
-/// and do not depend on the thread count.
-#[allow(clippy::too_many_arguments)]
-fn fused_step(
-    o: &AdamWConfig,
-    p: &Tensor,
-    g: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    grad_scale: f64,
-    lr: f64,
-    bc1: f64,
-    bc2_sqrt: f64,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    use rayon::prelude::*;
-    let read = |t: &Tensor| t.detach().flatten_all()?.to_vec1::<f32>();
-    let (mut pv, gv, mut mv, mut vv) = (read(p)?, read(g)?, read(m)?, read(v)?);
-    if gv.len() != pv.len() || mv.len() != pv.len() || vv.len() != pv.len() {
-        candle_core::bail!(
-            "AdamW: gradient or moments of {:?} have the wrong size",
-            p.dims()
-        );
+/// `m = m * decay + g' * (1 - decay)` (or `g'^2` for the second moment), `g' = g * grad_scale`,
+/// in place.
+struct MomentUpdate {
+    decay: f32,
+    weight: f32,
+    grad_scale: Option<f32>,
+    square: bool,
+}
+
+/// `p = p * decay - m / (sqrt(v) * inv_bc2 + eps) * step`, in place.
+struct ParamUpdate {
+    decay: f32,
+    inv_bc2: f32,
+    eps: f32,
+    step: f32,
+}
+
+/// The f32 data of a contiguous CPU storage.
+fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("AdamW: expected contiguous f32 CPU tensors"),
     }
-    let f = |x: f64| x as f32;
-    let (scale, b1, c1, b2, c2) = (
-        f(grad_scale),
-        f(o.beta1),
-        f(1.0 - o.beta1),
-        f(o.beta2),
-        f(1.0 - o.beta2),
-    );
-    let (decay, inv_bc2, eps, step) = (
-        f(1.0 - lr * o.weight_decay),
-        f(1.0 / bc2_sqrt),
-        f(o.eps),
-        f(lr / bc1),
-    );
-    const CHUNK: usize = 1 << 14;
-    pv.par_chunks_mut(CHUNK)
-        .zip(mv.par_chunks_mut(CHUNK))
-        .zip(vv.par_chunks_mut(CHUNK))
-        .zip(gv.par_chunks(CHUNK))
-        .for_each(|(((p, m), v), g)| {
-            for i in 0..p.len() {
-                let g = if grad_scale == 1.0 {
-                    g[i]
-                } else {
-                    g[i] * scale
-                };
-                m[i] = m[i] * b1 + g * c1;
-                v[i] = v[i] * b2 + g * g * c2;
-                let denom = v[i].sqrt() * inv_bc2 + eps;
-                p[i] = p[i] * decay - m[i] / denom * step;
-            }
-        });
-    let back = |x: Vec<f32>| Tensor::from_vec(x, p.shape(), p.device());
-    Ok((back(pv)?, back(mv)?, back(vv)?))
+}
+
+fn cpu_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("AdamW: expected contiguous f32 CPU tensors"),
+    }
+}
+
+/// Elements per parallel task of the element-wise updates.
+const CHUNK: usize = 1 << 14;
+
+impl InplaceOp2 for MomentUpdate {
+    fn name(&self) -> &'static str {
+        "ddpm-adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (m, g) = (cpu_slice_mut(s1, l1)?, cpu_slice(s2, l2)?);
+        if m.len() != g.len() {
+            candle_core::bail!("AdamW: a moment and its gradient differ in size");
+        }
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    let g = self.grad_scale.map_or(g, |s| g * s);
+                    let g = if self.square { g * g } else { g };
+                    *m = *m * self.decay + g * self.weight;
+                }
+            });
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "ddpm-adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (p, m, v) = (
+            cpu_slice_mut(s1, l1)?,
+            cpu_slice(s2, l2)?,
+            cpu_slice(s3, l3)?,
+        );
+        if m.len() != p.len() || v.len() != p.len() {
+            candle_core::bail!("AdamW: a parameter and its moments differ in size");
+        }
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK))
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|((p, m), v)| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    let denom = v.sqrt() * self.inv_bc2 + self.eps;
+                    *p = *p * self.decay - m / denom * self.step;
+                }
+            });
+        Ok(())
+    }
+}
+
+/// Whether the in-place update applies: contiguous f32 tensors on the CPU.
+fn in_place_ok(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
 /// One EMA update, diffusers' `s -= (1 - decay) (s - p)`.

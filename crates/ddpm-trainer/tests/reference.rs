@@ -51,6 +51,43 @@ fn adamw_matches_pytorch() {
     }
 }
 
+/// The moments update in place on the CPU: a clone must not see the original's later steps, and
+/// a parameter shared with no one else changes only through its own optimizer.
+#[test]
+fn an_adamw_clone_is_independent() {
+    let config = AdamWConfig {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let var = Var::from_vec(vec![1f32, -2., 3.], 3, &Device::Cpu).unwrap();
+    let params = vec![("p".to_string(), var.clone())];
+    let g = Tensor::from_vec(vec![0.5f32, 0.25, -1.], 3, &Device::Cpu).unwrap();
+    let mut opt = AdamW::new(config, &params).unwrap();
+    opt.step(&params, std::slice::from_ref(&g), 1.0, config.lr)
+        .unwrap();
+    let snapshot = opt.clone();
+    let moments = |o: &AdamW| -> Vec<f32> {
+        let (m, v) = o.moments();
+        let mut all: Vec<f32> = m["p"].to_vec1().unwrap();
+        all.extend(v["p"].to_vec1::<f32>().unwrap());
+        all
+    };
+    let before = moments(&snapshot);
+    opt.step(&params, &[g], 1.0, config.lr).unwrap();
+    assert_eq!(
+        moments(&snapshot)
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>(),
+        before.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        "the clone changed with the original's step"
+    );
+    assert_ne!(moments(&opt), before, "the original did not step");
+}
+
 #[test]
 fn ema_decay_matches_diffusers() {
     let r = reference_json("trainer.json");
