@@ -88,6 +88,24 @@ struct ConvTranspose2d {
     c_in: usize,
 }
 
+/// What a convolution op computes on plain slices; [`Op`] makes any of them a candle op.
+trait Passes {
+    /// The op's name in candle's graph.
+    const NAME: &'static str;
+
+    /// `[C, H, W]` of the input, the kernel's shape and the bias length.
+    fn operand_dims(&self) -> ([usize; 3], [usize; 4], usize);
+
+    /// `[C, H, W]` of the output.
+    fn out_dims(&self) -> [usize; 3];
+
+    /// The output from the input, kernel and bias of a batch of `b`.
+    fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32>;
+
+    /// `(dx, dw, db)` from the input, the kernel and the output gradient.
+    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], b: usize) -> [Vec<f32>; 3];
+}
+
 impl Conv2d {
     /// The receptive fields of NCHW `x` as rows `[B*L, k*k*C]`.
     fn rows(&self, x: &[f32], b: usize) -> Scratch {
@@ -104,6 +122,20 @@ impl Conv2d {
         let mut wr = Scratch::new(w.len());
         kernel_to_rows(w, self.c_out, self.g.c, self.g.k * self.g.k, &mut wr);
         wr
+    }
+}
+
+impl Passes for Conv2d {
+    const NAME: &'static str = "ddpm-conv2d";
+
+    fn operand_dims(&self) -> ([usize; 3], [usize; 4], usize) {
+        let g = &self.g;
+        ([g.c, g.h, g.w], [self.c_out, g.c, g.k, g.k], self.c_out)
+    }
+
+    fn out_dims(&self) -> [usize; 3] {
+        let (ho, wo) = self.g.out_hw().expect("checked when the op was built");
+        [self.c_out, ho, wo]
     }
 
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32> {
@@ -127,7 +159,6 @@ impl Conv2d {
         y
     }
 
-    /// `(dx, dw, db)` from the input, the kernel and the output gradient.
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], b: usize) -> [Vec<f32>; 3] {
         let (g, c_out) = (&self.g, self.c_out);
         let (l, ckk, hw) = (g.l(), g.ckk(), g.h * g.w);
@@ -174,6 +205,20 @@ impl ConvTranspose2d {
         let mut wr = Scratch::new(w.len());
         kernel_to_rows(w, self.c_in, self.g.c, self.g.k * self.g.k, &mut wr);
         wr
+    }
+}
+
+impl Passes for ConvTranspose2d {
+    const NAME: &'static str = "ddpm-conv-transpose2d";
+
+    fn operand_dims(&self) -> ([usize; 3], [usize; 4], usize) {
+        let g = &self.g;
+        let (h, w) = g.out_hw().expect("checked when the op was built");
+        ([self.c_in, h, w], [self.c_in, g.c, g.k, g.k], g.c)
+    }
+
+    fn out_dims(&self) -> [usize; 3] {
+        [self.g.c, self.g.h, self.g.w]
     }
 
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32> {
@@ -225,34 +270,12 @@ impl ConvTranspose2d {
     }
 }
 
-/// Checks the three operands of a forward pass against the op's shapes.
-fn check_operands(
-    name: &str,
-    x: (&Layout, [usize; 3]),
-    w: (&Layout, [usize; 4]),
-    bias: (&Layout, usize),
-) -> candle_core::Result<usize> {
-    let (b, c, h, wd) = x.0.shape().dims4()?;
-    if [c, h, wd] != x.1 || w.0.shape().dims() != w.1 || bias.0.shape().dims() != [bias.1] {
-        candle_core::bail!(
-            "{name}: operands {:?}, {:?}, {:?} do not match the op (input [B, {}, {}, {}], \
-             kernel {:?}, bias [{}])",
-            x.0.shape(),
-            w.0.shape(),
-            bias.0.shape(),
-            x.1[0],
-            x.1[1],
-            x.1[2],
-            w.1,
-            bias.1
-        );
-    }
-    Ok(b)
-}
+/// A [`Passes`] as a candle op over `(x, w, bias)`.
+struct Op<P>(P);
 
-impl CustomOp3 for Conv2d {
+impl<P: Passes> CustomOp3 for Op<P> {
     fn name(&self) -> &'static str {
-        "ddpm-conv2d"
+        P::NAME
     }
 
     fn cpu_fwd(
@@ -264,21 +287,29 @@ impl CustomOp3 for Conv2d {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = &self.g;
-        let b = check_operands(
-            "conv2d",
-            (l1, [g.c, g.h, g.w]),
-            (l2, [self.c_out, g.c, g.k, g.k]),
-            (l3, self.c_out),
-        )?;
+        let (x_dims, w_dims, c_bias) = self.0.operand_dims();
+        let (b, c, h, wd) = l1.shape().dims4()?;
+        if [c, h, wd] != x_dims || l2.shape().dims() != w_dims || l3.shape().dims() != [c_bias] {
+            candle_core::bail!(
+                "{}: operands {:?}, {:?}, {:?} do not match the op (input [B, {}, {}, {}], \
+                 kernel {w_dims:?}, bias [{c_bias}])",
+                P::NAME,
+                l1.shape(),
+                l2.shape(),
+                l3.shape(),
+                x_dims[0],
+                x_dims[1],
+                x_dims[2],
+            );
+        }
         let (x, w, bias) = (
             contiguous_f32(s1, l1)?,
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
-        let (ho, wo) = g.out_hw()?;
-        let y = self.forward(x, w, bias, b);
-        Ok((CpuStorage::F32(y), Shape::from((b, self.c_out, ho, wo))))
+        let y = self.0.forward(x, w, bias, b);
+        let [c, h, wd] = self.0.out_dims();
+        Ok((CpuStorage::F32(y), Shape::from((b, c, h, wd))))
     }
 
     fn bwd(
@@ -291,58 +322,9 @@ impl CustomOp3 for Conv2d {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let b = x.dim(0)?;
         let [dx, dw, db] = with_data(x, |x| {
-            with_data(w, |w| with_data(grad_res, |dy| self.backward(x, w, dy, b)))
-        })???;
-        Ok((
-            Some(tensor(dx, x.dims(), x)?),
-            Some(tensor(dw, w.dims(), w)?),
-            Some(tensor(db, bias.dims(), bias)?),
-        ))
-    }
-}
-
-impl CustomOp3 for ConvTranspose2d {
-    fn name(&self) -> &'static str {
-        "ddpm-conv-transpose2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = &self.g;
-        let (h, w) = g.out_hw()?;
-        let b = check_operands(
-            "conv_transpose2d",
-            (l1, [self.c_in, h, w]),
-            (l2, [self.c_in, g.c, g.k, g.k]),
-            (l3, g.c),
-        )?;
-        let (x, wt, bias) = (
-            contiguous_f32(s1, l1)?,
-            contiguous_f32(s2, l2)?,
-            contiguous_f32(s3, l3)?,
-        );
-        let y = self.forward(x, wt, bias, b);
-        Ok((CpuStorage::F32(y), Shape::from((b, g.c, g.h, g.w))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let b = x.dim(0)?;
-        let [dx, dw, db] = with_data(x, |x| {
-            with_data(w, |w| with_data(grad_res, |dy| self.backward(x, w, dy, b)))
+            with_data(w, |w| {
+                with_data(grad_res, |dy| self.0.backward(x, w, dy, b))
+            })
         })???;
         Ok((
             Some(tensor(dx, x.dims(), x)?),
@@ -411,8 +393,11 @@ pub fn conv2d(
     };
     g.out_hw()?;
     let bias = bias_or_zeros(bias, c_out, x)?;
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &bias.contiguous()?, Conv2d { g, c_out })
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &bias.contiguous()?,
+        Op(Conv2d { g, c_out }),
+    )
 }
 
 /// `conv_transpose2d` of `x` `[B, C_in, H, W]` with `w` `[C_in, C_out, k, k]` and an
@@ -460,6 +445,6 @@ pub fn conv_transpose2d(
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &bias.contiguous()?,
-        ConvTranspose2d { g, c_in },
+        Op(ConvTranspose2d { g, c_in }),
     )
 }

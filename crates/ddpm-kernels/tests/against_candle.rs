@@ -2,6 +2,7 @@
 //! and 2, padding 0..2, batch 1. Tolerance: 1e-4 relative to the largest value (sums of up to
 //! a few hundred products in another order).
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use ddpm_forward::NoiseSource;
 
@@ -19,6 +20,27 @@ fn close(what: &str, a: &Tensor, b: &Tensor) {
         worst <= 1e-4 * scale,
         "{what}: max |diff| {worst} against scale {scale}"
     );
+}
+
+/// Compares the gradients of `vars` (named) in two gradient stores.
+fn close_grads(what: &str, ours: &GradStore, theirs: &GradStore, vars: &[(&str, &Var)]) {
+    for (name, var) in vars {
+        close(
+            &format!("{what} {name}"),
+            ours.get(var.as_tensor()).unwrap(),
+            theirs.get(var.as_tensor()).unwrap(),
+        );
+    }
+}
+
+/// `sum(a * b)`.
+fn dot(a: &Tensor, b: &Tensor) -> f32 {
+    (a * b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// (batch, c_in, c_out, h, w, k, stride, padding)
@@ -66,19 +88,7 @@ fn conv2d_matches_candle_forward_and_backward() {
         let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let dx = g1.get(x.as_tensor()).unwrap();
         match (&theirs * &r).unwrap().sum_all().unwrap().backward() {
-            Ok(g2) => {
-                close(&format!("{what} dx"), dx, g2.get(x.as_tensor()).unwrap());
-                close(
-                    &format!("{what} dw"),
-                    g1.get(wt.as_tensor()).unwrap(),
-                    g2.get(wt.as_tensor()).unwrap(),
-                );
-                close(
-                    &format!("{what} db"),
-                    g1.get(bias.as_tensor()).unwrap(),
-                    g2.get(bias.as_tensor()).unwrap(),
-                );
-            }
+            Ok(g2) => close_grads(&what, &g1, &g2, &[("dx", &x), ("dw", &wt), ("db", &bias)]),
             // candle's own backward fails when (size + 2 padding - kernel) is not a multiple
             // of the stride ("shape mismatch in add"): check ours by the adjoint identity
             // <conv(x'), r> = <x', dx> on fresh random inputs (conv is linear in x).
@@ -86,19 +96,11 @@ fn conv2d_matches_candle_forward_and_backward() {
                 assert!(e.to_string().contains("shape mismatch"), "{what}: {e}");
                 for _ in 0..5 {
                     let probe = randn(&mut rng, x.dims());
-                    let lhs = (ddpm_kernels::conv2d(&probe, wt.as_tensor(), None, p, s).unwrap()
-                        * &r)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
-                    let rhs = (&probe * dx)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let lhs = dot(
+                        &ddpm_kernels::conv2d(&probe, wt.as_tensor(), None, p, s).unwrap(),
+                        &r,
+                    );
+                    let rhs = dot(&probe, dx);
                     assert!(
                         (lhs - rhs).abs() <= 1e-4 * lhs.abs().max(1.0),
                         "{what}: <Ax, r> {lhs} vs <x, A^T r> {rhs}"
@@ -143,21 +145,7 @@ fn conv_transpose2d_matches_candle_forward_and_backward() {
             .unwrap()
             .backward()
             .unwrap();
-        close(
-            &format!("{what} dx"),
-            g1.get(x.as_tensor()).unwrap(),
-            g2.get(x.as_tensor()).unwrap(),
-        );
-        close(
-            &format!("{what} dw"),
-            g1.get(wt.as_tensor()).unwrap(),
-            g2.get(wt.as_tensor()).unwrap(),
-        );
-        close(
-            &format!("{what} db"),
-            g1.get(bias.as_tensor()).unwrap(),
-            g2.get(bias.as_tensor()).unwrap(),
-        );
+        close_grads(&what, &g1, &g2, &[("dx", &x), ("dw", &wt), ("db", &bias)]);
     }
 }
 
