@@ -164,19 +164,12 @@ fn measure(mut cmd: Command) -> Result<Measured> {
         .rev()
         .find(|l| l.trim_start().starts_with('{'))
         .with_context(|| format!("{shown} printed no JSON line"))?;
+    let json: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("{shown}: bad JSON line {line}"))?;
     let field = |name: &str| -> Result<f64> {
-        // The lines are flat JSON objects of numbers and strings: find `"name":` and read the
-        // number after it.
-        let key = format!("\"{name}\":");
-        let at = line
-            .find(&key)
-            .with_context(|| format!("{shown}: no {name} in {line}"))?;
-        let rest = line[at + key.len()..].trim_start();
-        let end = rest.find([',', '}']).unwrap_or(rest.len());
-        rest[..end]
-            .trim()
-            .parse()
-            .with_context(|| format!("{shown}: {name} is not a number in {line}"))
+        json[name]
+            .as_f64()
+            .with_context(|| format!("{shown}: no number {name} in {line}"))
     };
     Ok(Measured {
         step_s: field("step_s")?,

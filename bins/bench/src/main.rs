@@ -22,7 +22,7 @@ use ddpm_forward::{ForwardProcess, NoiseSource};
 use ddpm_sampler::{DdpmConfig, DdpmSampler, Scheduler};
 use ddpm_schedule::{Schedule, ScheduleConfig};
 use ddpm_trainer::{AdamW, AdamWConfig};
-use ddpm_unet::{Mode, SimpleUnet, SimpleUnetConfig, init_seeded};
+use ddpm_unet::{Mode, SimpleUnet, SimpleUnetConfig, init_seeded, is_buffer};
 
 #[derive(Parser)]
 #[command(about = "Time SimpleUnet training or sampling steps; prints one JSON line")]
@@ -131,30 +131,40 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    if args.steps == 0 {
-        bail!("--steps must be at least 1");
+/// Runs `step` `warmup + steps` times and returns the timed steps' seconds.
+fn time(
+    warmup: usize,
+    steps: usize,
+    mut step: impl FnMut(usize) -> Result<()>,
+) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let start = Instant::now();
+        step(i)?;
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
     }
-    let dev = Device::Cpu;
-    let cfg = args.config;
+    Ok(times)
+}
+
+/// The seed's training step: noise a batch, predict in training mode, L1, backward, Adam.
+fn time_train(cfg: Config, args: &Args, dev: &Device) -> Result<Vec<f64>> {
     let model_cfg = cfg.model();
     let (b, s, ch) = (cfg.batch(), cfg.size(), model_cfg.image_channels);
     let varmap = VarMap::new();
     let model = SimpleUnet::new(
         &model_cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        VarBuilder::from_varmap(&varmap, DType::F32, dev),
     )?;
     init_seeded(&varmap, 0)?;
-    let schedule = Schedule::new(ScheduleConfig::seed_linear())?;
-    let forward = ForwardProcess::new(&schedule, &dev)?;
-    let mut rng = NoiseSource::new(0);
+    let forward = ForwardProcess::new(&Schedule::new(ScheduleConfig::seed_linear())?, dev)?;
     let mut params: Vec<(String, Var)> = varmap
         .data()
         .lock()
         .expect("not poisoned")
         .iter()
-        .filter(|(k, _)| !k.ends_with("running_mean") && !k.ends_with("running_var"))
+        .filter(|(k, _)| !is_buffer(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     params.sort_by(|a, b| a.0.cmp(&b.0));
@@ -166,80 +176,96 @@ fn main() -> Result<()> {
         weight_decay: 0.0,
     };
     let mut opt = AdamW::new(adam, &params)?;
-    let sampler = DdpmSampler::new(&schedule, DdpmConfig::seed())?;
-    // Sampling runs on plain tensors, as `ddpm sample` does: no variables, so no graph.
-    let frozen = SimpleUnet::new(
-        &model_cfg,
-        VarBuilder::from_tensors(
-            varmap
-                .data()
-                .lock()
-                .expect("not poisoned")
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-                .collect(),
-            DType::F32,
-            &dev,
-        ),
-    )?;
-    let mut x = rng.randn((b, ch, s, s), &dev)?;
+    let mut rng = NoiseSource::new(0);
+    time(args.warmup, args.steps, |i| {
+        let x0 = rng.randn((b, ch, s, s), dev)?;
+        let batch = forward.training_batch(&x0, &mut rng)?;
+        let pred = model.forward_t(&batch.x_t, &batch.t, Mode::Train { seed: i as u64 })?;
+        let loss = (pred - &batch.noise)?.abs()?.mean_all()?;
+        let grads = loss.backward()?;
+        let g = params
+            .iter()
+            .map(|(k, v)| {
+                grads
+                    .get(v.as_tensor())
+                    .cloned()
+                    .with_context(|| format!("no gradient for {k}"))
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        opt.step(&params, &g, 1.0, adam.lr)?;
+        loss.to_scalar::<f32>()?;
+        Ok(())
+    })
+}
 
-    let n = 2048;
-    let (a, bm) = if matches!(args.mode, StepKind::Peak) {
-        (rng.randn((n, n), &dev)?, rng.randn((n, n), &dev)?)
-    } else {
-        (
-            Tensor::zeros(1, DType::F32, &dev)?,
-            Tensor::zeros(1, DType::F32, &dev)?,
-        )
-    };
-    let mut times = Vec::with_capacity(args.steps);
-    for i in 0..args.warmup + args.steps {
-        let start = Instant::now();
-        match args.mode {
-            StepKind::Train => {
-                let x0 = rng.randn((b, ch, s, s), &dev)?;
-                let batch = forward.training_batch(&x0, &mut rng)?;
-                let pred = model.forward_t(&batch.x_t, &batch.t, Mode::Train { seed: i as u64 })?;
-                let loss = (pred - &batch.noise)?.abs()?.mean_all()?;
-                let grads = loss.backward()?;
-                let g = params
-                    .iter()
-                    .map(|(k, v)| {
-                        grads
-                            .get(v.as_tensor())
-                            .cloned()
-                            .with_context(|| format!("no gradient for {k}"))
-                    })
-                    .collect::<Result<Vec<Tensor>>>()?;
-                opt.step(&params, &g, 1.0, adam.lr)?;
-                loss.to_scalar::<f32>()?;
-            }
-            StepKind::Sample => {
-                let index = i % schedule.num_train_timesteps();
-                let t = Tensor::full(sampler.timesteps()[index] as u32, b, &dev)?;
-                let eps = frozen.forward_t(&x, &t, Mode::Eval)?;
-                let noise = rng.randn((b, ch, s, s), &dev)?;
-                x = sampler
-                    .step_with_noise(index, &eps, &x, Some(&noise))?
-                    .prev_sample;
-                x.flatten_all()?.get(0)?.to_scalar::<f32>()?;
-            }
-            StepKind::Peak => {
-                a.matmul(&bm)?.get(0)?.get(0)?.to_scalar::<f32>()?;
-            }
-        }
-        if i >= args.warmup {
-            times.push(start.elapsed().as_secs_f64());
-        }
+/// One DDPM ancestral step: a forward pass in evaluation mode on plain tensors (no variables,
+/// so no graph, as `ddpm sample` runs) and the update.
+fn time_sample(cfg: Config, args: &Args, dev: &Device) -> Result<Vec<f64>> {
+    let model_cfg = cfg.model();
+    let (b, s, ch) = (cfg.batch(), cfg.size(), model_cfg.image_channels);
+    let varmap = VarMap::new();
+    SimpleUnet::new(
+        &model_cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, dev),
+    )?;
+    init_seeded(&varmap, 0)?;
+    let weights = varmap
+        .data()
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    drop(varmap);
+    let model = SimpleUnet::new(
+        &model_cfg,
+        VarBuilder::from_tensors(weights, DType::F32, dev),
+    )?;
+    let schedule = Schedule::new(ScheduleConfig::seed_linear())?;
+    let sampler = DdpmSampler::new(&schedule, DdpmConfig::seed())?;
+    let mut rng = NoiseSource::new(0);
+    let mut x = rng.randn((b, ch, s, s), dev)?;
+    time(args.warmup, args.steps, |i| {
+        let index = i % schedule.num_train_timesteps();
+        let t = Tensor::full(sampler.timesteps()[index] as u32, b, dev)?;
+        let eps = model.forward_t(&x, &t, Mode::Eval)?;
+        let noise = rng.randn((b, ch, s, s), dev)?;
+        x = sampler
+            .step_with_noise(index, &eps, &x, Some(&noise))?
+            .prev_sample;
+        x.flatten_all()?.get(0)?.to_scalar::<f32>()?;
+        Ok(())
+    })
+}
+
+/// Side of the square matmul that `--mode peak` times.
+const PEAK_N: usize = 2048;
+
+fn time_peak(args: &Args, dev: &Device) -> Result<Vec<f64>> {
+    let mut rng = NoiseSource::new(0);
+    let a = rng.randn((PEAK_N, PEAK_N), dev)?;
+    let b = rng.randn((PEAK_N, PEAK_N), dev)?;
+    time(args.warmup, args.steps, |_| {
+        a.matmul(&b)?.get(0)?.get(0)?.to_scalar::<f32>()?;
+        Ok(())
+    })
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
     }
-    let step_s = median(times.clone());
-    let flop_per_image = 2 * forward_macs(&model_cfg, s);
-    let flop = match args.mode {
-        StepKind::Train => 3 * flop_per_image * b as u64,
-        StepKind::Sample => flop_per_image * b as u64,
-        StepKind::Peak => 2 * (n * n * n) as u64,
+    let dev = Device::Cpu;
+    let cfg = args.config;
+    let b = cfg.batch();
+    let flop_per_image = 2 * forward_macs(&cfg.model(), cfg.size());
+    let (times, flop) = match args.mode {
+        StepKind::Train => (time_train(cfg, &args, &dev)?, 3 * flop_per_image * b as u64),
+        StepKind::Sample => (time_sample(cfg, &args, &dev)?, flop_per_image * b as u64),
+        StepKind::Peak => (time_peak(&args, &dev)?, 2 * (PEAK_N as u64).pow(3)),
     };
+    let step_s = median(times.clone());
     let report = serde_json::json!({
         "impl": "ddpm",
         "config": cfg.name(),
