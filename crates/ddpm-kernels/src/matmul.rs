@@ -66,7 +66,7 @@ pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>,
         }
         return;
     }
-    let threads = candle_core::utils::get_num_threads();
+    let threads = thread_count();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -162,4 +162,11 @@ impl Drop for Scratch {
             pool.swap_remove(i);
         }
     }
+}
+
+/// candle's thread count (`RAYON_NUM_THREADS`, else the physical cores), asked once per
+/// process: candle works it out anew on every call, and on Linux that reads `/proc/cpuinfo`.
+fn thread_count() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
 }
