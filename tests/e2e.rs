@@ -334,6 +334,20 @@ fn bad_arguments_fail_with_one_line_and_change_nothing() {
         "a-file",
     );
     fails(
+        &ddpm(
+            dir,
+            &[
+                "sample",
+                "--model",
+                "corrupt.safetensors",
+                "--quality",
+                "--num",
+                "10",
+            ],
+        ),
+        "--quality needs --num between 50 and 5000",
+    );
+    fails(
         &ddpm(dir, &["inspect", "corrupt.safetensors"]),
         "corrupt.safetensors",
     );
@@ -407,6 +421,51 @@ fn ddim_from_a_diffusers_folder_reproduces_the_pipeline() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(worst <= 1e-3, "max |diff| {worst}");
+}
+
+/// `sample --quality` scores the shipped golden model's digits far better than noise scores
+/// (a Fréchet distance near 1,000), and refuses models that do not make digits.
+#[test]
+fn sample_quality_scores_digits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let golden = root().join("assets/golden/model");
+    let golden = golden.to_str().unwrap();
+    let stdout = ok(&ddpm(
+        dir,
+        &[
+            "sample",
+            "--model",
+            golden,
+            "--sampler",
+            "ddpm",
+            "--steps",
+            "50",
+            "--num",
+            "100",
+            "--quality",
+            "--no-progress",
+        ],
+    ));
+    let json = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("quality json: "))
+        .unwrap_or_else(|| panic!("no quality line: {stdout}"));
+    let report: serde_json::Value = serde_json::from_str(json).unwrap();
+    let fd = report["frechet_distance"].as_f64().unwrap();
+    let floor = report["real_floor"].as_f64().unwrap();
+    assert!(floor < fd && fd < 200.0, "{report}");
+    assert!(report["classes_present"].as_u64().unwrap() >= 8, "{report}");
+    assert_eq!(report["samples"], 100);
+    assert_eq!(
+        report["class_counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .sum::<u64>(),
+        100
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@ use clap::Args;
 use ddpm_data::ImageSet;
 
 /// Options naming the training images.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct DataArgs {
     /// The images: a folder of PNG/JPEG, a .parquet file, an IDX file (raw or .gz), or a
     /// dataset name downloaded with `ddpm dataset download` (mnist, fashion-mnist, cifar10,

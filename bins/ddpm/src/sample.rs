@@ -73,6 +73,11 @@ pub struct SampleArgs {
     /// Columns of the grid.
     #[arg(long, default_value_t = 8)]
     pub cols: usize,
+    /// Score the samples as digits (1-channel models): the digit classifier's Fréchet distance
+    /// against the embedded MNIST digits, the classes present and their counts. Needs --num of
+    /// at least 50 and at most 5,000.
+    #[arg(long)]
+    pub quality: bool,
 }
 
 /// Creates the folder a file will go into, naming it on failure.
@@ -143,10 +148,18 @@ pub fn image_size(a: &SamplingArgs, loaded: &model::Loaded) -> Result<usize> {
 }
 
 pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
-    if a.out.is_none() && a.out_dir.is_none() && a.out_tensor.is_none() {
-        bail!("nothing to write: give --out FILE.png, --out-dir DIR or --out-tensor FILE");
+    if a.out.is_none() && a.out_dir.is_none() && a.out_tensor.is_none() && !a.quality {
+        bail!(
+            "nothing to write: give --out FILE.png, --out-dir DIR, --out-tensor FILE or --quality"
+        );
     }
     crate::positive("--num", a.num)?;
+    if a.quality && !(50..=5000).contains(&a.num) {
+        bail!(
+            "--quality needs --num between 50 and 5000 (the embedded set holds 10,000 real digits), got {}",
+            a.num
+        );
+    }
     crate::positive("--cols", a.cols)?;
     for p in [&a.out, &a.out_tensor].into_iter().flatten() {
         prepare_parent(p)?;
@@ -157,6 +170,12 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
     }
     let loaded = model::load(&a.sampling.model, a.sampling.raw, device)?;
     tracing::info!("sampling from {}", loaded.source);
+    if a.quality && loaded.config.in_channels() != 1 {
+        bail!(
+            "--quality scores digits: the model makes {}-channel images, the digit classifier takes 1",
+            loaded.config.in_channels()
+        );
+    }
     let (scheduler, _) = build_sampler(&a.sampling, &loaded)?;
     let channels = loaded.config.in_channels();
     let mut rng = NoiseSource::new(a.sampling.seed);
@@ -205,6 +224,13 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
         let map = HashMap::from([("samples".to_string(), samples.to_device(&Device::Cpu)?)]);
         ddpm_unet::write_safetensors(&map, None, p)?;
         println!("tensor: {}", p.display());
+    }
+    if a.quality {
+        let size = samples.dim(2)?;
+        let (real, _) = crate::data::DataArgs::default().load(size, 1)?;
+        let report = crate::train::report_quality(&samples, &real)?;
+        let json = serde_json::to_string(&report)?;
+        println!("quality json: {json}");
     }
     Ok(())
 }

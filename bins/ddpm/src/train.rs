@@ -8,7 +8,7 @@ use candle_core::Device;
 use clap::{Args, ValueEnum};
 use ddpm_forward::Prediction;
 use ddpm_schedule::ScheduleConfig;
-use ddpm_trainer::{Loss, LrSchedule, TrainConfig, Trainer};
+use ddpm_trainer::{GridSampler, Loss, LrSchedule, TrainConfig, Trainer};
 use ddpm_unet::UnetConfig;
 
 use crate::data::DataArgs;
@@ -119,7 +119,10 @@ pub struct TrainArgs {
     /// Images per sample grid.
     #[arg(long)]
     pub sample_count: Option<usize>,
-    /// DDIM steps for the sample grids.
+    /// The sampler of the sample grids and the quality report (the mnist recipe: ddpm).
+    #[arg(long, value_enum)]
+    pub sampler: Option<crate::sample::SamplerArg>,
+    /// Sampling steps for the sample grids and the quality report (the mnist recipe: 250).
     #[arg(long)]
     pub sample_steps: Option<usize>,
     /// No progress bar.
@@ -163,6 +166,12 @@ pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
     set!(c.sample_every, a.sample_every);
     set!(c.sample_count, a.sample_count);
     set!(c.sample_steps, a.sample_steps);
+    if let Some(s) = a.sampler {
+        c.sampler = match s {
+            crate::sample::SamplerArg::Ddpm => GridSampler::Ddpm,
+            crate::sample::SamplerArg::Ddim => GridSampler::Ddim,
+        };
+    }
     if let Some(g) = a.grad_clip {
         c.grad_clip = (g != 0.0).then_some(g);
     }
@@ -261,8 +270,8 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
         "trained {} steps in {:.1} s ({:.1} images/s), final loss {:.4}",
         summary.steps, summary.seconds, summary.images_per_second, summary.final_loss
     );
-    if trainer.config().model.in_channels() == 1 && trainer.data().len() >= 400 {
-        report_quality(&trainer, out)?;
+    if trainer.config().model.in_channels() == 1 && trainer.data().len() >= 2 * QUALITY_MIN {
+        write_quality(&trainer, out)?;
     }
     println!("checkpoint: {}", summary.checkpoint.display());
     println!("samples:    {}", summary.samples.display());
@@ -271,16 +280,36 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// The digit-quality measure on 200 EMA samples (DDIM, 25 steps), printed and written to
-/// RUN/quality.json.
-fn report_quality(trainer: &Trainer, out: &std::path::Path) -> Result<()> {
+/// Samples the quality measure draws at most, and at least (the rest of the training set, twice
+/// as many, is its real reference).
+const QUALITY_SAMPLES: usize = 500;
+const QUALITY_MIN: usize = 50;
+
+/// The digit-quality measure on up to 500 EMA samples (the run's sampler and steps), printed
+/// and written to RUN/quality.json.
+fn write_quality(trainer: &Trainer, out: &std::path::Path) -> Result<()> {
+    let n = QUALITY_SAMPLES.min(trainer.data().len() / 2);
+    let samples = ddpm_trainer::sample_ema(trainer, n)?;
+    let report = report_quality(&samples, trainer.data())?;
+    let path = out.join("quality.json");
+    let json = serde_json::to_string_pretty(&report)?;
+    ddpm_trainer::atomic_write(&path, |f| std::io::Write::write_all(f, json.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Scores `samples` (1-channel, in [-1, 1]) against the first real digits of `real` with the
+/// shipped digit classifier, and prints the report.
+pub fn report_quality(
+    samples: &candle_core::Tensor,
+    real: &ddpm_data::ImageSet,
+) -> Result<ddpm_trainer::quality::QualityReport> {
     use ddpm_trainer::quality::{DigitClassifier, evaluate};
-    let samples = ddpm_trainer::sample_ema(trainer, 200, 25)?;
     let model = DigitClassifier::pretrained(&Device::Cpu)?;
     let report = evaluate(
         &model,
         &samples.to_device(&Device::Cpu)?,
-        trainer.data(),
+        real,
         &Device::Cpu,
     )?;
     println!(
@@ -292,9 +321,5 @@ fn report_quality(trainer: &Trainer, out: &std::path::Path) -> Result<()> {
         report.mean_confidence,
         report.class_counts
     );
-    let path = out.join("quality.json");
-    let json = serde_json::to_string_pretty(&report)?;
-    ddpm_trainer::atomic_write(&path, |f| std::io::Write::write_all(f, json.as_bytes()))
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(report)
 }

@@ -21,6 +21,21 @@ pub enum Loss {
     },
 }
 
+/// How the sample grids and the quality report draw images from the EMA weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GridSampler {
+    /// DDPM ancestral sampling (posterior variance, `x_0` clipped to [-1, 1]) over
+    /// `sample_steps` spaced steps. Its fresh noise at each step corrects the errors of a small
+    /// model that deterministic DDIM carries to the end: on the `mnist` recipe's model, 250
+    /// steps gave a Fréchet distance of 40 where DDIM's 25 and 50 steps gave 62 and 82.
+    Ddpm,
+    /// Deterministic DDIM (eta 0, `x_0` clipped to [-1, 1]) over `sample_steps` steps. The
+    /// default of configurations written before this choice existed.
+    #[default]
+    Ddim,
+}
+
 /// How the learning rate evolves after warmup (diffusers' `get_scheduler` names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -139,7 +154,10 @@ pub struct TrainConfig {
     pub sample_every: u64,
     /// Images in each sample grid.
     pub sample_count: usize,
-    /// DDIM steps for the sample grids.
+    /// The sampler of the sample grids and the quality report.
+    #[serde(default)]
+    pub sampler: GridSampler,
+    /// Sampling steps for the sample grids and the quality report.
     pub sample_steps: usize,
 }
 
@@ -178,6 +196,7 @@ impl TrainConfig {
             keep_checkpoints: 3,
             sample_every: 500,
             sample_count: 40,
+            sampler: GridSampler::Ddim,
             sample_steps: 50,
         };
         Ok(match name {
@@ -210,6 +229,8 @@ impl TrainConfig {
                 },
                 checkpoint_every: 500,
                 sample_every: 1000,
+                sampler: GridSampler::Ddpm,
+                sample_steps: 250,
                 ..base
             },
             "tiny" => Self {

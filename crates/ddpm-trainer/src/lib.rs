@@ -35,6 +35,6 @@ mod trainer;
 pub use checkpoint::{
     CHECKPOINT_FORMAT, Checkpoint, atomic_write, checkpoint_name, list_checkpoints,
 };
-pub use config::{AdamWConfig, EmaConfig, Loss, LrSchedule, RECIPES, TrainConfig};
+pub use config::{AdamWConfig, EmaConfig, GridSampler, Loss, LrSchedule, RECIPES, TrainConfig};
 pub use run::{RunPaths, RunSummary, draw_loss_curve, run, sample_ema};
 pub use trainer::{AdamW, StepMetrics, TrainError, Trainer, ema_step};

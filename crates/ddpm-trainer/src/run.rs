@@ -6,12 +6,12 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use ddpm_forward::NoiseSource;
-use ddpm_sampler::{DdimConfig, DdimSampler, sample};
+use ddpm_sampler::{DdimConfig, DdimSampler, DdpmConfig, DdpmSampler, Scheduler, sample};
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 
 use crate::checkpoint::{atomic_write, checkpoint_name, list_checkpoints};
-use crate::{StepMetrics, Trainer};
+use crate::{GridSampler, StepMetrics, Trainer};
 
 /// What a finished run wrote, and where.
 #[derive(Debug, Clone)]
@@ -86,18 +86,32 @@ struct MetricsLine {
     elapsed_seconds: f64,
 }
 
-/// Samples `count` images with the EMA weights, DDIM (`sample_steps`, eta 0), from noise that
-/// depends on the run seed alone, so grids from different steps are comparable.
-pub fn sample_ema(trainer: &Trainer, count: usize, steps: usize) -> candle_core::Result<Tensor> {
+/// Samples `count` images with the EMA weights, with the run's sampler and `sample_steps`
+/// (at most `T`), from noise that depends on the run seed alone, so grids from different steps
+/// are comparable.
+pub fn sample_ema(trainer: &Trainer, count: usize) -> candle_core::Result<Tensor> {
     let c = trainer.config();
+    let schedule = trainer.schedule();
+    let steps = c.sample_steps.min(schedule.num_train_timesteps());
+    let sampler: Box<dyn Scheduler> = match c.sampler {
+        GridSampler::Ddpm => Box::new(DdpmSampler::new(
+            schedule,
+            DdpmConfig {
+                num_inference_steps: Some(steps),
+                prediction: c.objective,
+                clip_sample: true,
+                ..DdpmConfig::seed()
+            },
+        )?),
+        GridSampler::Ddim => Box::new(DdimSampler::new(
+            schedule,
+            DdimConfig {
+                prediction: c.objective,
+                ..DdimConfig::new(steps, 0.0)
+            },
+        )?),
+    };
     let unet = trainer.ema_unet()?;
-    let ddim = DdimSampler::new(
-        trainer.schedule(),
-        DdimConfig {
-            prediction: c.objective,
-            ..DdimConfig::new(steps.min(trainer.schedule().num_train_timesteps()), 0.0)
-        },
-    )?;
     let set_shape = trainer.data.set();
     let shape = (
         count,
@@ -107,7 +121,7 @@ pub fn sample_ema(trainer: &Trainer, count: usize, steps: usize) -> candle_core:
     );
     let mut rng = NoiseSource::with_stream(c.seed, u64::MAX);
     let init = rng.randn(shape, trainer.device())?;
-    sample(&unet, &ddim, init, &mut rng, |_| {})
+    sample(&unet, sampler.as_ref(), init, &mut rng, |_| {})
 }
 
 /// Trains until `config.steps`, writing into `out`: `config.json`, `metrics.jsonl`, `loss.svg`,
@@ -214,7 +228,7 @@ pub fn run(
         }
         if done || (c.sample_every > 0 && m.step % c.sample_every == 0) {
             samples = paths.samples().join(format!("step-{:08}.png", m.step));
-            let x = sample_ema(trainer, c.sample_count, c.sample_steps)?;
+            let x = sample_ema(trainer, c.sample_count)?;
             ddpm_data::write_grid_png(&x, c.sample_count.min(10), &samples)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         }

@@ -341,6 +341,52 @@ fn a_run_writes_its_outputs_and_continues_after_resume() {
     assert_eq!(steps, (1..=8).collect::<Vec<u64>>());
 }
 
+/// Grids and the quality report sample the EMA weights with the configured sampler, from the
+/// run seed's own noise stream; configurations written before the choice existed read as DDIM.
+#[test]
+fn sample_grids_use_the_configured_sampler() {
+    use ddpm_forward::NoiseSource;
+    use ddpm_sampler::{DdimConfig, DdimSampler, DdpmConfig, DdpmSampler, Scheduler, sample};
+    use ddpm_trainer::{GridSampler, sample_ema};
+
+    let mut config = tiny();
+    config.steps = 3;
+    config.sample_steps = 4;
+    config.sampler = GridSampler::Ddpm;
+    let mut trainer = Trainer::new(config.clone(), digits(16), "d", &Device::Cpu).unwrap();
+    for _ in 0..3 {
+        trainer.train_step().unwrap();
+    }
+    let expected = |sampler: &dyn Scheduler| {
+        let mut rng = NoiseSource::with_stream(config.seed, u64::MAX);
+        let init = rng.randn((3, 1, 16, 16), &Device::Cpu).unwrap();
+        let unet = trainer.ema_unet().unwrap();
+        sample(&unet, sampler, init, &mut rng, |_| {}).unwrap()
+    };
+    let ddpm = DdpmSampler::new(
+        trainer.schedule(),
+        DdpmConfig {
+            num_inference_steps: Some(4),
+            clip_sample: true,
+            ..DdpmConfig::seed()
+        },
+    )
+    .unwrap();
+    let ddim = DdimSampler::new(trainer.schedule(), DdimConfig::new(4, 0.0)).unwrap();
+    let got = sample_ema(&trainer, 3).unwrap();
+    let bits = |t: &Tensor| bits(&HashMap::from([(String::new(), t.clone())]));
+    assert_eq!(bits(&got), bits(&expected(&ddpm)), "DDPM, 4 steps, clipped");
+    assert_ne!(bits(&got), bits(&expected(&ddim)), "DDPM and DDIM differ");
+
+    let mut json = serde_json::to_value(&config).unwrap();
+    assert_eq!(json["sampler"], "ddpm");
+    let back: TrainConfig = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(back, config);
+    json.as_object_mut().unwrap().remove("sampler");
+    let old: TrainConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(old.sampler, GridSampler::Ddim);
+}
+
 #[test]
 fn bad_configs_and_mismatched_data_are_errors() {
     let mut config = tiny();
