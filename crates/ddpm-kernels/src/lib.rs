@@ -1,4 +1,5 @@
-//! Faster CPU convolutions for candle, forward and backward.
+//! Faster CPU convolutions for candle, forward and backward, and a fused training-mode
+//! BatchNorm ([`relu_batch_norm`]).
 //!
 //! candle 0.11's CPU `conv2d` backward computes the input gradient with a direct
 //! `conv_transpose2d` loop (15-19 GFLOP/s on a 2-core x86 machine, where its matmul reaches
@@ -41,6 +42,9 @@
 
 mod layout;
 mod matmul;
+mod norm;
+
+pub use norm::{BatchStats, relu_batch_norm, relu_batch_norm_supports};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use layout::{

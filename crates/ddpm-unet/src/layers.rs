@@ -27,6 +27,35 @@ impl Mode {
     }
 }
 
+/// `bn(relu(x))`. Training on the CPU in f32 runs one fused op ([`ddpm_kernels::relu_batch_norm`])
+/// and updates the running statistics as candle-nn does (momentum, unbiased variance);
+/// everything else runs candle-nn's BatchNorm.
+pub(crate) fn relu_batch_norm(
+    bn: &candle_nn::BatchNorm,
+    x: &Tensor,
+    train: bool,
+) -> candle_core::Result<Tensor> {
+    use candle_nn::ModuleT;
+    let fused = train && ddpm_kernels::relu_batch_norm_supports(x);
+    let Some((weight, bias)) = bn.weight_and_bias().filter(|_| fused) else {
+        return bn.forward_t(&x.relu()?, train);
+    };
+    let (y, stats) = ddpm_kernels::relu_batch_norm(x, weight, bias, bn.eps())?;
+    if stats.count < 2 {
+        candle_core::bail!("BatchNorm in training needs more than one value per channel");
+    }
+    let m = bn.momentum();
+    let unbiased = stats.count as f64 / (stats.count as f64 - 1.0);
+    let mean = Tensor::from_slice(&stats.mean, stats.mean.len(), x.device())?;
+    let var = Tensor::from_slice(&stats.var, stats.var.len(), x.device())?;
+    // The running statistics are variables shared with the VarMap: set them in place.
+    let running_mean = candle_core::Var::from_tensor(bn.running_mean())?;
+    running_mean.set(&((bn.running_mean() * (1.0 - m))? + (mean * m)?)?)?;
+    let running_var = candle_core::Var::from_tensor(bn.running_var())?;
+    running_var.set(&((bn.running_var() * (1.0 - m))? + (var * (m * unbiased))?)?)?;
+    Ok(y)
+}
+
 /// Dropout whose masks come from a seeded generator rather than candle's unseedable one.
 #[derive(Debug, Clone)]
 pub(crate) struct Dropout {
@@ -237,5 +266,69 @@ impl Module for Conv {
             Self::Forward(c) => c.forward(x),
             Self::Transpose(c) => c.forward(x),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{ModuleT, VarBuilder, VarMap};
+
+    /// The fused training path gives candle-nn's outputs and running statistics (momentum 0.1,
+    /// unbiased variance) over two steps; evaluation uses the updated statistics.
+    #[test]
+    fn fused_batch_norm_matches_candle_nn() {
+        let dev = Device::Cpu;
+        let make = || {
+            let map = VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            let bn = candle_nn::batch_norm(3, 1e-5, vb.pp("bn")).unwrap();
+            (map, bn)
+        };
+        let (map_a, a) = make();
+        let (map_b, b) = make();
+        let close = |x: &Tensor, y: &Tensor, what: &str| {
+            let d = (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-4, "{what}: max |diff| {d}");
+        };
+        for step in 0..2 {
+            let x = (Tensor::arange(0f32, 96., &dev)
+                .unwrap()
+                .reshape((2, 3, 4, 4))
+                .unwrap()
+                * (0.37 + step as f64))
+                .unwrap()
+                .sin()
+                .unwrap();
+            let ours = super::relu_batch_norm(&a, &x, true).unwrap();
+            let theirs = b.forward_t(&x.relu().unwrap(), true).unwrap();
+            close(&ours, &theirs, "train output");
+        }
+        let (va, vb) = (map_a.data().lock().unwrap(), map_b.data().lock().unwrap());
+        for name in ["bn.running_mean", "bn.running_var"] {
+            close(va[name].as_tensor(), vb[name].as_tensor(), name);
+        }
+        let moved = (va["bn.running_var"].as_tensor() - 1.0)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(moved > 1e-3, "the running variance was updated");
+        let x = Tensor::ones((1, 3, 2, 2), DType::F32, &dev).unwrap();
+        close(
+            &super::relu_batch_norm(&a, &x, false).unwrap(),
+            &b.forward_t(&x, false).unwrap(),
+            "eval output",
+        );
     }
 }

@@ -1,12 +1,12 @@
 //! The seed tutorial's `SimpleUnet`: BatchNorm, ReLU, strided convolutions, a time MLP.
 
-use candle_core::{Module, ModuleT, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::{BatchNorm, Linear, VarBuilder};
 use ddpm_embeddings::SeedTimeMlp;
 use serde::{Deserialize, Serialize};
 
 use crate::Mode;
-use crate::layers::Conv;
+use crate::layers::{Conv, relu_batch_norm};
 
 /// The seed's `SimpleUnet` hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,9 +120,7 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, t: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = self
-            .bnorm1
-            .forward_t(&self.conv1.forward(x)?.relu()?, train)?;
+        let h = relu_batch_norm(&self.bnorm1, &self.conv1.forward(x)?, train)?;
         let time = self
             .time_mlp
             .forward(t)?
@@ -130,9 +128,7 @@ impl Block {
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&time)?;
-        let h = self
-            .bnorm2
-            .forward_t(&self.conv2.forward(&h)?.relu()?, train)?;
+        let h = relu_batch_norm(&self.bnorm2, &self.conv2.forward(&h)?, train)?;
         self.transform.forward(&h)
     }
 }
