@@ -6,21 +6,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use ddpm_forward::NoiseSource;
 
-fn close(what: &str, a: &Tensor, b: &Tensor) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst <= 1e-4 * scale,
-        "{what}: max |diff| {worst} against scale {scale}"
-    );
-}
+mod common;
+use common::close;
 
 /// Compares the gradients of `vars` (named) in two gradient stores.
 fn close_grads(what: &str, ours: &GradStore, theirs: &GradStore, vars: &[(&str, &Var)]) {

@@ -287,15 +287,16 @@ mod tests {
         };
         let (map_a, a) = make();
         let (map_b, b) = make();
-        let close = |x: &Tensor, y: &Tensor, what: &str| {
-            let d = (x - y)
-                .unwrap()
-                .abs()
+        let max_abs = |t: Tensor| {
+            t.abs()
                 .unwrap()
                 .max_all()
                 .unwrap()
                 .to_scalar::<f32>()
-                .unwrap();
+                .unwrap()
+        };
+        let close = |x: &Tensor, y: &Tensor, what: &str| {
+            let d = max_abs((x - y).unwrap());
             assert!(d < 1e-4, "{what}: max |diff| {d}");
         };
         for step in 0..2 {
@@ -315,14 +316,7 @@ mod tests {
         for name in ["bn.running_mean", "bn.running_var"] {
             close(va[name].as_tensor(), vb[name].as_tensor(), name);
         }
-        let moved = (va["bn.running_var"].as_tensor() - 1.0)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let moved = max_abs((va["bn.running_var"].as_tensor() - 1.0).unwrap());
         assert!(moved > 1e-3, "the running variance was updated");
         let x = Tensor::ones((1, 3, 2, 2), DType::F32, &dev).unwrap();
         close(
