@@ -466,6 +466,21 @@ fn sample_quality_scores_digits() {
             .sum::<u64>(),
         100
     );
+    let rgb = root().join("assets/reference/unet/legacy_tiny");
+    fails(
+        &ddpm(
+            dir,
+            &[
+                "sample",
+                "--model",
+                rgb.to_str().unwrap(),
+                "--num",
+                "50",
+                "--quality",
+            ],
+        ),
+        "--quality scores digits: the model makes 3-channel images",
+    );
 }
 
 #[test]

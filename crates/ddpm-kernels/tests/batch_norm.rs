@@ -117,6 +117,11 @@ fn relu_batch_norm_rejects_what_it_cannot_run() {
             .unwrap_err()
             .to_string();
     assert!(err.contains("f32 on the CPU"), "{err}");
+    let empty = Tensor::zeros((0, 3, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let err = ddpm_kernels::relu_batch_norm(&empty, &w, &w, 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("holds no values"), "{err}");
     let err = ddpm_kernels::relu_batch_norm(&x, &w, &w, -1.0)
         .unwrap_err()
         .to_string();

@@ -318,6 +318,11 @@ mod tests {
         }
         let moved = max_abs((va["bn.running_var"].as_tensor() - 1.0).unwrap());
         assert!(moved > 1e-3, "the running variance was updated");
+        let single = Tensor::ones((1, 3, 1, 1), DType::F32, &dev).unwrap();
+        let err = super::relu_batch_norm(&a, &single, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than one value per channel"), "{err}");
         let x = Tensor::ones((1, 3, 2, 2), DType::F32, &dev).unwrap();
         close(
             &super::relu_batch_norm(&a, &x, false).unwrap(),
