@@ -44,7 +44,10 @@ mod layout;
 mod matmul;
 mod norm;
 
-pub use norm::{BatchStats, relu_batch_norm, relu_batch_norm_supports};
+pub use norm::{
+    BatchStats, relu_batch_norm, relu_batch_norm_eval, relu_batch_norm_supports,
+    relu_channel_affine,
+};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use layout::{

@@ -250,3 +250,170 @@ pub fn relu_batch_norm(
         },
     ))
 }
+
+/// `relu(x) * scale[c] + shift[c]`: an inference-mode BatchNorm folded into one pass.
+struct ReluChannelAffine;
+
+/// Checks `x` `[N, C, ...]` and two `[C]` per-channel vectors; returns `(C, positions)`.
+fn per_channel_dims(
+    what: &str,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+) -> candle_core::Result<(usize, usize)> {
+    if !relu_batch_norm_supports(x) {
+        candle_core::bail!(
+            "ddpm-kernels runs f32 on the CPU (got {:?} on {:?})",
+            x.dtype(),
+            x.device().location()
+        );
+    }
+    let dims = x.dims();
+    if dims.len() < 2 || a.dims() != [dims[1]] || b.dims() != [dims[1]] {
+        candle_core::bail!(
+            "{what} takes x [N, C, ...] with two [C] vectors, got {:?}, {:?}, {:?}",
+            dims,
+            a.dims(),
+            b.dims()
+        );
+    }
+    if x.elem_count() == 0 {
+        candle_core::bail!("{what}: x {dims:?} holds no values");
+    }
+    Ok((dims[1], dims[2..].iter().product()))
+}
+
+impl CustomOp3 for ReluChannelAffine {
+    fn name(&self) -> &'static str {
+        "relu-channel-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l1.shape().dims();
+        let (channels, hw) = (dims[1], dims[2..].iter().product::<usize>());
+        let (x, scale, shift) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
+        let mut y = vec![0f32; x.len()];
+        // Each task owns whole (sample, channel) planes: disjoint writes, no sums.
+        y.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(i, (ys, xs))| {
+                let (k, s) = (scale[i % channels], shift[i % channels]);
+                for (o, &v) in ys.iter_mut().zip(xs) {
+                    *o = v.max(0.0) * k + s;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _shift: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = x.dims().to_vec();
+        let (channels, hw) = (dims[1], dims[2..].iter().product::<usize>());
+        if grad_res.dims() != dims {
+            candle_core::bail!(
+                "relu-channel-affine: gradient of shape {:?} for {dims:?}",
+                grad_res.dims()
+            );
+        }
+        let (dx, dscale, dshift) = with_data(x, |x| {
+            with_data(scale, |k| {
+                with_data(grad_res, |dy| {
+                    // dscale = sum(dy relu(x)), dshift = sum(dy), per channel in f64.
+                    let sums: Vec<(f32, f32)> = (0..channels)
+                        .into_par_iter()
+                        .map(|c| {
+                            let (mut s_k, mut s_b) = (0f64, 0f64);
+                            for (xs, gs) in
+                                channel(x, c, channels, hw).zip(channel(dy, c, channels, hw))
+                            {
+                                for (&v, &g) in xs.iter().zip(gs) {
+                                    s_k += f64::from(g) * f64::from(v.max(0.0));
+                                    s_b += f64::from(g);
+                                }
+                            }
+                            (s_k as f32, s_b as f32)
+                        })
+                        .collect();
+                    let mut dx = vec![0f32; x.len()];
+                    dx.par_chunks_mut(hw)
+                        .zip(x.par_chunks(hw).zip(dy.par_chunks(hw)))
+                        .enumerate()
+                        .for_each(|(i, (out, (xs, gs)))| {
+                            let kc = k[i % channels];
+                            for ((o, &v), &g) in out.iter_mut().zip(xs).zip(gs) {
+                                *o = if v > 0.0 { g * kc } else { 0.0 };
+                            }
+                        });
+                    (
+                        dx,
+                        sums.iter().map(|s| s.0).collect::<Vec<_>>(),
+                        sums.iter().map(|s| s.1).collect::<Vec<_>>(),
+                    )
+                })
+            })
+        })???;
+        Ok((
+            Some(tensor(dx, &dims, x)?),
+            Some(tensor(dscale, &[channels], x)?),
+            Some(tensor(dshift, &[channels], x)?),
+        ))
+    }
+}
+
+/// `relu(x) * scale + shift` per channel (dimension 1), in one pass: an inference-mode
+/// BatchNorm after a ReLU, with `scale = weight / sqrt(running_var + eps)` and
+/// `shift = bias - running_mean * scale` (see [`relu_batch_norm_eval`]). Gradients flow to all
+/// three. `x` is `[N, C, ...]` f32 on the CPU; `scale` and `shift` are `[C]`.
+pub fn relu_channel_affine(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+) -> candle_core::Result<Tensor> {
+    per_channel_dims("relu_channel_affine", x, scale, shift)?;
+    x.contiguous()?.apply_op3(
+        &scale.contiguous()?,
+        &shift.contiguous()?,
+        ReluChannelAffine,
+    )
+}
+
+/// `BatchNorm(relu(x))` in inference mode: normalised with the running statistics, then
+/// scaled by `weight` and shifted by `bias`, as one [`relu_channel_affine`] pass. The folding
+/// into a per-channel scale and shift runs as candle ops on `[C]` vectors, so gradients reach
+/// `weight` and `bias` too. Differs from the unfolded computation by float rounding only.
+pub fn relu_batch_norm_eval(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    per_channel_dims("relu_batch_norm_eval", x, weight, bias)?;
+    per_channel_dims("relu_batch_norm_eval", x, running_mean, running_var)?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        candle_core::bail!("relu_batch_norm_eval: eps must be >= 0, got {eps}");
+    }
+    let scale = weight.mul(&(running_var + eps)?.sqrt()?.recip()?)?;
+    let shift = bias.sub(&running_mean.mul(&scale)?)?;
+    relu_channel_affine(x, &scale, &shift)
+}

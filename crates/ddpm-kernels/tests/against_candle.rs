@@ -178,7 +178,7 @@ fn mismatched_shapes_are_errors() {
     );
 }
 
-/// Forward and backward of both convolutions and the fused BatchNorm at shapes that take every path (both orientations of the
+/// Forward and backward of both convolutions and the fused BatchNorms at shapes that take every path (both orientations of the
 /// kernel gradient, strides 1 and 2) are bitwise the same with 1, 2 and 5 threads.
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
@@ -205,11 +205,14 @@ fn results_do_not_depend_on_the_thread_count() {
                 .unwrap();
                 let (n, _) = ddpm_kernels::relu_batch_norm(&y, &bias, &bias, 1e-5).unwrap();
                 let loss = (loss + (&n * &y).unwrap().sum_all().unwrap()).unwrap();
+                let e = ddpm_kernels::relu_channel_affine(&y, &bias, &bias).unwrap();
+                let loss = (loss + (&e * &y).unwrap().sum_all().unwrap()).unwrap();
                 let grads = loss.backward().unwrap();
                 for t in [
                     &y,
                     &z,
                     &n,
+                    &e,
                     x.as_tensor(),
                     w.as_tensor(),
                     wt.as_tensor(),

@@ -103,6 +103,88 @@ fn relu_batch_norm_matches_candle_ops() {
     }
 }
 
+/// Inference-mode BatchNorm(relu(x)) in candle ops, unfolded, as candle-nn computes it.
+fn reference_eval(x: &Tensor, w: &Tensor, b: &Tensor, mean: &Tensor, var: &Tensor) -> Tensor {
+    let mut shape = vec![1; x.rank()];
+    shape[1] = x.dim(1).unwrap();
+    let per = |t: &Tensor| t.reshape(shape.as_slice()).unwrap();
+    x.relu()
+        .unwrap()
+        .broadcast_sub(&per(mean))
+        .unwrap()
+        .broadcast_div(&per(&(var + 1e-5).unwrap().sqrt().unwrap()))
+        .unwrap()
+        .broadcast_mul(&per(w))
+        .unwrap()
+        .broadcast_add(&per(b))
+        .unwrap()
+}
+
+#[test]
+fn relu_batch_norm_eval_matches_candle_ops() {
+    let mut rng = NoiseSource::new(12);
+    let cases: [&[usize]; 5] = [
+        &[4, 3, 5, 7],
+        &[1, 2, 3, 3],
+        &[2, 5, 1, 1],
+        &[8, 6],
+        &[3, 4, 16, 16],
+    ];
+    for dims in cases {
+        let c = dims[1];
+        let x = Var::from_tensor(&randn(&mut rng, dims)).unwrap();
+        let w = Var::from_tensor(&(randn(&mut rng, &[c]) + 1.0).unwrap()).unwrap();
+        let b = Var::from_tensor(&randn(&mut rng, &[c])).unwrap();
+        let mean = randn(&mut rng, &[c]).abs().unwrap();
+        // Variances from 0.05 up: a small one makes the folded scale large.
+        let var = (randn(&mut rng, &[c]).abs().unwrap() + 0.05).unwrap();
+        let probe = randn(&mut rng, dims);
+        let what = format!("eval {dims:?}");
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let ours = ddpm_kernels::relu_batch_norm_eval(xt, wt, bt, &mean, &var, 1e-5).unwrap();
+        let theirs = reference_eval(xt, wt, bt, &mean, &var);
+        close(&format!("{what} forward"), &ours, &theirs);
+        let grads = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g_ours, g_theirs) = (grads(&ours), grads(&theirs));
+        for (name, v) in [("dx", &x), ("dw", &w), ("db", &b)] {
+            close(
+                &format!("{what} {name}"),
+                g_ours.get(v.as_tensor()).unwrap(),
+                g_theirs.get(v.as_tensor()).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn relu_batch_norm_eval_rejects_what_it_cannot_run() {
+    let f32 = candle_core::DType::F32;
+    let x = Tensor::zeros((2, 3, 4, 4), f32, &Device::Cpu).unwrap();
+    let ok = Tensor::ones(3, f32, &Device::Cpu).unwrap();
+    let bad = Tensor::ones(4, f32, &Device::Cpu).unwrap();
+    let eval = |x: &Tensor, w: &Tensor, m: &Tensor, eps: f64| {
+        ddpm_kernels::relu_batch_norm_eval(x, w, &ok, m, &ok, eps)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = eval(&x, &bad, &ok, 1e-5);
+    assert!(err.contains("two [C] vectors"), "{err}");
+    let err = eval(&x, &ok, &bad, 1e-5);
+    assert!(err.contains("two [C] vectors"), "{err}");
+    let err = eval(&x, &ok, &ok, f64::NAN);
+    assert!(err.contains("eps"), "{err}");
+    let err = eval(
+        &x.to_dtype(candle_core::DType::F64).unwrap(),
+        &ok,
+        &ok,
+        1e-5,
+    );
+    assert!(err.contains("f32 on the CPU"), "{err}");
+    let empty = Tensor::zeros((0, 3), f32, &Device::Cpu).unwrap();
+    let err = eval(&empty, &ok, &ok, 1e-5);
+    assert!(err.contains("holds no values"), "{err}");
+}
+
 #[test]
 fn relu_batch_norm_rejects_what_it_cannot_run() {
     let x = Tensor::zeros((2, 3, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();

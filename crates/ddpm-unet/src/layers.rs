@@ -27,19 +27,32 @@ impl Mode {
     }
 }
 
-/// `bn(relu(x))`. Training on the CPU in f32 runs one fused op ([`ddpm_kernels::relu_batch_norm`])
-/// and updates the running statistics as candle-nn does (momentum, unbiased variance);
-/// everything else runs candle-nn's BatchNorm.
+/// `bn(relu(x))`. On the CPU in f32 this is one fused op: in training
+/// [`ddpm_kernels::relu_batch_norm`], which also updates the running statistics as candle-nn
+/// does (momentum, unbiased variance); in inference [`ddpm_kernels::relu_batch_norm_eval`].
+/// Everything else runs candle-nn's BatchNorm.
 pub(crate) fn relu_batch_norm(
     bn: &candle_nn::BatchNorm,
     x: &Tensor,
     train: bool,
 ) -> candle_core::Result<Tensor> {
     use candle_nn::ModuleT;
-    let fused = train && ddpm_kernels::relu_batch_norm_supports(x);
+    let fused = ddpm_kernels::relu_batch_norm_supports(x);
     let Some((weight, bias)) = bn.weight_and_bias().filter(|_| fused) else {
         return bn.forward_t(&x.relu()?, train);
     };
+    if !train {
+        // candle-nn keeps the running statistics as variables: detached, as candle-nn's own
+        // evaluation uses them, so that a sampling loop builds no graph through them.
+        return ddpm_kernels::relu_batch_norm_eval(
+            x,
+            weight,
+            bias,
+            &bn.running_mean().detach(),
+            &bn.running_var().detach(),
+            bn.eps(),
+        );
+    }
     let (y, stats) = ddpm_kernels::relu_batch_norm(x, weight, bias, bn.eps())?;
     if stats.count < 2 {
         candle_core::bail!("BatchNorm in training needs more than one value per channel");
@@ -323,10 +336,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("more than one value per channel"), "{err}");
-        let x = Tensor::ones((1, 3, 2, 2), DType::F32, &dev).unwrap();
+        // Inference folds the running statistics into one pass; values on both sides of 0.
+        let x = (Tensor::arange(0f32, 12., &dev)
+            .unwrap()
+            .reshape((1, 3, 2, 2))
+            .unwrap()
+            - 5.5)
+            .unwrap();
         close(
             &super::relu_batch_norm(&a, &x, false).unwrap(),
-            &b.forward_t(&x, false).unwrap(),
+            &b.forward_t(&x.relu().unwrap(), false).unwrap(),
             "eval output",
         );
     }

@@ -120,6 +120,31 @@ fn batchnorm_train_mode_uses_batch_statistics_and_updates_running_ones() {
     );
 }
 
+/// A model loaded from plain tensors (as `ddpm sample` loads one) builds no autograd graph in
+/// evaluation: a sampling loop feeds each output back in, so a graph would keep every step's
+/// activations alive. candle-nn keeps BatchNorm running statistics as variables even then.
+#[test]
+fn eval_on_plain_weights_builds_no_graph() {
+    for config in [UnetConfig::preset("seed-tiny").unwrap(), tiny_unet2d()] {
+        let (varmap, _) = build(&config, 4);
+        let plain = varmap_tensors(&varmap)
+            .into_iter()
+            .map(|(k, v)| (k, v.detach()))
+            .collect();
+        let unet = Unet::new(
+            &config,
+            VarBuilder::from_tensors(plain, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let (x, t) = inputs(config.in_channels(), 16);
+        let out = unet.forward_t(&x, &t, Mode::Eval).unwrap();
+        assert!(!out.track_op(), "{config:?}: evaluation built a graph");
+        let (_, trained) = build(&config, 4);
+        let out = trained.forward_t(&x, &t, Mode::Eval).unwrap();
+        assert!(out.track_op(), "variables do make a graph");
+    }
+}
+
 #[test]
 fn dropout_is_seeded_and_off_in_eval() {
     let config = tiny_unet2d();
