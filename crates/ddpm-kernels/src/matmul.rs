@@ -106,8 +106,14 @@ pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>,
 /// reusing them saves a pass over memory per op. Callers overwrite what they use.
 static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
-/// Buffers kept at most: a backward pass holds three at once.
+/// Buffers kept at most: a forward pass holds three at once, a backward pass four.
 const POOL_SIZE: usize = 4;
+
+/// Requests below this many elements (256 KiB) bypass the pool: the allocator serves them from
+/// memory it already holds, and one would otherwise take a large pooled buffer (a kernel's
+/// rows while the next op's column matrix needs it), which sent another large buffer back to
+/// the kernel and its replacement through page faults on every call.
+const POOLED_FROM: usize = 1 << 16;
 
 /// A scratch buffer of `len` elements (contents unspecified), back to the pool on drop.
 pub(crate) struct Scratch {
@@ -117,6 +123,12 @@ pub(crate) struct Scratch {
 
 impl Scratch {
     pub fn new(len: usize) -> Self {
+        if len < POOLED_FROM {
+            return Self {
+                buf: vec![0.0; len],
+                len,
+            };
+        }
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         // The smallest kept buffer that is large enough, else the largest (grown).
         let pick = pool
@@ -129,6 +141,8 @@ impl Scratch {
         let mut buf = pick.map(|i| pool.swap_remove(i)).unwrap_or_default();
         drop(pool);
         if buf.len() < len {
+            // Contents are unspecified: free the old buffer rather than have `realloc` copy it.
+            buf = Vec::new();
             buf.resize(len, 0.0);
         }
         Self { buf, len }
@@ -150,6 +164,9 @@ impl std::ops::DerefMut for Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if self.buf.len() < POOLED_FROM {
+            return;
+        }
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         pool.push(std::mem::take(&mut self.buf));
         if pool.len() > POOL_SIZE {
