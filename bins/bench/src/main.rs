@@ -9,10 +9,8 @@
 
 use std::time::Instant;
 
-/// mimalloc keeps freed memory for reuse instead of handing large blocks back to the kernel
-/// at once, which saves a page fault and clear per 4 KiB on every large tensor.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "../../alloc.rs"]
+mod alloc;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
@@ -252,6 +250,7 @@ fn time_peak(args: &Args, dev: &Device) -> Result<Vec<f64>> {
 }
 
 fn main() -> Result<()> {
+    alloc::keep_freed_memory();
     let args = Args::parse();
     if args.steps == 0 {
         bail!("--steps must be at least 1");
