@@ -1,5 +1,5 @@
 //! Each op against candle's own, forward and backward, on random shapes: odd sizes, strides 1
-//! and 2, padding 0..2, batch 1. Tolerance: 1e-4 relative to the largest value (sums of up to
+//! and 2, padding 0..2, batch 1, and both of conv2d's paths (im2row, Winograd). Tolerance: 1e-4 relative to the largest value (sums of up to
 //! a few hundred products in another order).
 
 use candle_core::backprop::GradStore;
@@ -33,7 +33,7 @@ fn dot(a: &Tensor, b: &Tensor) -> f32 {
 /// (batch, c_in, c_out, h, w, k, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CASES: [Case; 11] = [
+const CASES: [Case; 13] = [
     (1, 1, 1, 5, 5, 3, 1, 1),
     (2, 3, 4, 7, 9, 3, 1, 1),
     (1, 4, 2, 8, 8, 4, 2, 1),
@@ -45,6 +45,10 @@ const CASES: [Case; 11] = [
     // Larger maps, odd sizes.
     (3, 3, 5, 17, 16, 3, 1, 1),
     (2, 4, 3, 34, 33, 4, 2, 1),
+    // 3x3 stride 1 padding 1, wide and with 1024+ 2x2 tiles: conv2d's Winograd path (forward
+    // and input gradient); odd sizes leave half-filled tiles at the edges.
+    (1, 64, 128, 63, 65, 3, 1, 1),
+    (5, 128, 64, 31, 30, 3, 1, 1),
     // 2 x 128 x 128 = 32768 output positions: conv2d's kernel gradient takes its other path.
     (2, 2, 3, 128, 128, 3, 1, 1),
 ];
@@ -193,6 +197,8 @@ fn results_do_not_depend_on_the_thread_count() {
                 (4, 6, 8, 20, 3, 1, 1),
                 (3, 8, 5, 9, 4, 2, 1),
                 (2, 3, 4, 128, 3, 1, 1),
+                // Winograd.
+                (2, 64, 128, 45, 3, 1, 1),
             ] {
                 let x = Var::from_tensor(&randn(&mut rng, &[b, ci, h, h])).unwrap();
                 let w = Var::from_tensor(&randn(&mut rng, &[co, ci, k, k])).unwrap();
