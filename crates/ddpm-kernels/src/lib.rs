@@ -16,9 +16,10 @@
 //!   gives rows, which row2im sums into the output; backward: `dx = im2row(dy) w^T`,
 //!   `dw = x^T im2row(dy)`.
 //!
-//! - Wide 3x3 stride-1 padding-1 convolutions (64 -> 128 channels and up, 1024+ output tiles)
-//!   run forward, and their input gradient, by Winograd's F(2x2, 3x3) instead: 16 products
-//!   `[tiles, C] x [C, C_out]` with 2.25x fewer multiplies (see `winograd.rs`).
+//! - 3x3 stride-1 padding-1 convolutions with 16+ channels each side and 256+ 2x2 output
+//!   tiles run forward, and their input gradient, by Winograd's F(2x2, 3x3) instead: per block
+//!   of tiles, 16 products `[tiles, C] x [C, C_out]` with 2.25x fewer multiplies, the
+//!   transforms done while the block is in cache (see `winograd.rs`).
 //!
 //! Why this orientation: gemm runs a product fastest with the long side along its rows. On
 //! the 2-core machine this was measured on, the 3x3 convolution 32 -> 64 channels on 32x32 at

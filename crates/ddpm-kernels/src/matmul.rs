@@ -47,6 +47,29 @@ impl<'a> Mat<'a> {
 /// never over the shared dimension, so every element sums its products in the same order
 /// whatever the thread count.
 pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>, accumulate: bool) {
+    let threads = thread_count();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    product(dst, dst_rs, lhs, rhs, accumulate, parallelism);
+}
+
+/// `dst = lhs * rhs` on the calling thread, for callers that run many small products in
+/// parallel themselves.
+pub(crate) fn matmul_serial(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>) {
+    product(dst, dst_rs, lhs, rhs, false, gemm::Parallelism::None);
+}
+
+fn product(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "matmul: inner dimensions differ");
     assert!(lhs.fits() && rhs.fits(), "matmul: operand out of bounds");
@@ -66,12 +89,6 @@ pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>,
         }
         return;
     }
-    let threads = thread_count();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     #[allow(unsafe_code)]
     // SAFETY: the asserts above keep every index the call computes, `i * rs + j * cs` for
     // `i < rows`, `j < cols`, inside its slice; `dst` is borrowed mutably, so it overlaps

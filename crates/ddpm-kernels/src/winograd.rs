@@ -9,24 +9,25 @@
 //! add and subtract only (G's halves are exact), so results differ from im2row's by float
 //! rounding alone.
 //!
-//! Layouts: `V` is `[tiles, 16, C]` (a tile's transforms are one contiguous chunk, so tiles
-//! are transformed in parallel; the product for position `ξ` reads rows with stride `16 C`),
-//! `U` is `[16, C, C_out]`, and `M` is `[tiles, 16, C_out]`. Every task writes disjoint memory
-//! and the products split over output blocks only, so results are bitwise the same for every
-//! thread count.
+//! Layouts: per block of tiles, `V` is `[tiles, 16, C]` (the product for position `ξ` reads
+//! its rows with stride `16 C`), `U` is `[16, C, C_out]` for the whole call, and `M` is
+//! `[tiles, 16, C_out]`. A block is transformed, multiplied and transformed back by one task
+//! while it is in cache; the blocks run in parallel and write disjoint rows of the output, and
+//! each block's arithmetic is the same whatever the thread count, so results are bitwise the
+//! same for every thread count.
 
 use rayon::prelude::*;
 
 use crate::layout::{nchw_to_nhwc, nhwc_to_nchw};
-use crate::matmul::{Mat, Scratch, matmul};
+use crate::matmul::{Mat, Scratch, matmul_serial};
 
 /// Whether the Winograd path is the faster one for `s`, as measured per layer on a 2-core x86
-/// machine (`cargo run --release -p ddpm-kernels --example layers`): the transforms are passes
-/// over memory, so the path wins where the products are wide (64 -> 128 channels and up:
-/// 1.1-2x faster forward) and there are enough tiles to keep `gemm` busy; it loses on
-/// 32 -> 64 and 64 -> 64 channels over 32x32 maps and on 4x4 maps.
+/// machine (`cargo run --release -p ddpm-kernels --example layers`): forward 1.2-2.2x faster
+/// than im2row on every 3x3 layer of the small seed model, from 32 -> 64 channels over 32x32
+/// maps to 512 -> 128 over 4x4 maps at batch 64 (256 tiles). Thinner products (the 1-channel
+/// first conv of a digit model) and fewer tiles stay on im2row.
 pub(crate) fn pays_off(s: &Shape3x3) -> bool {
-    s.c * s.c_out >= 64 * 128 && s.c.min(s.c_out) >= 16 && s.tiles() >= 1024
+    s.c.min(s.c_out) >= 16 && s.tiles() >= BLOCK_TILES
 }
 
 /// The shape of a 3x3 same-size convolution: batch, input and output channels, map size.
@@ -84,52 +85,55 @@ fn g_row(r: usize, v: [f32; 3]) -> f32 {
     }
 }
 
-/// `V = Bᵀ d B` for every tile and input channel of NHWC `xh` `[B, H, W, C]`, into
-/// `[tiles, 16, C]` (zero outside the map: the padding). Every step is an add or subtract of
-/// whole channel vectors, which the compiler vectorises.
-fn input_transform(xh: &[f32], s: Shape3x3) -> Scratch {
+/// Tiles per block: rows enough for `gemm`, few enough that a block's transforms (`16 x 256 x
+/// C` values) stay in cache between the three steps.
+const BLOCK_TILES: usize = 256;
+
+/// `V = Bᵀ d B` for tile `t` and every input channel of NHWC `xh` `[B, H, W, C]`, into `out`
+/// `[16, C]` (zero outside the map: the padding); `bt` is scratch of the same size. Every step
+/// adds or subtracts whole channel vectors, which the compiler vectorises.
+fn input_transform(
+    xh: &[f32],
+    s: &Shape3x3,
+    t: usize,
+    zeros: &[f32],
+    bt: &mut [f32],
+    out: &mut [f32],
+) {
     let (c, th, tw) = (s.c, s.tiles_h(), s.tiles_w());
-    let zeros = vec![0f32; c];
-    let mut v = Scratch::new(s.tiles() * 16 * c);
-    v.par_chunks_mut(16 * c).enumerate().for_each_init(
-        || vec![0f32; 16 * c],
-        |bt, (t, out)| {
-            let (bi, ti, tj) = (t / (th * tw), t / tw % th, t % tw);
-            // The 16 channel vectors of the patch, rows 2ti-1.., columns 2tj-1...
-            let d: [&[f32]; 16] = std::array::from_fn(|k| {
-                let (y, x) = ((2 * ti + k / 4) as isize - 1, (2 * tj + k % 4) as isize - 1);
-                if y < 0 || x < 0 || y as usize >= s.h || x as usize >= s.w {
-                    &zeros[..]
-                } else {
-                    &xh[((bi * s.h + y as usize) * s.w + x as usize) * c..][..c]
-                }
-            });
-            // Bᵀ d, row by row of the result: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
-            for (k, dst) in bt.chunks_exact_mut(c).enumerate() {
-                let (r, q) = (k / 4, k % 4);
-                let (a, b, sign) = match r {
-                    0 => (d[q], d[8 + q], -1.0),
-                    1 => (d[4 + q], d[8 + q], 1.0),
-                    2 => (d[8 + q], d[4 + q], -1.0),
-                    _ => (d[4 + q], d[12 + q], -1.0),
-                };
-                combine(dst, a, b, sign);
-            }
-            // (Bᵀ d) B: the same combination along each row.
-            let x = |k: usize| &bt[k * c..][..c];
-            for (k, dst) in out.chunks_exact_mut(c).enumerate() {
-                let (r, q) = (4 * (k / 4), k % 4);
-                let (a, b, sign) = match q {
-                    0 => (x(r), x(r + 2), -1.0),
-                    1 => (x(r + 1), x(r + 2), 1.0),
-                    2 => (x(r + 2), x(r + 1), -1.0),
-                    _ => (x(r + 1), x(r + 3), -1.0),
-                };
-                combine(dst, a, b, sign);
-            }
-        },
-    );
-    v
+    let (bi, ti, tj) = (t / (th * tw), t / tw % th, t % tw);
+    // The 16 channel vectors of the patch, rows 2ti-1.., columns 2tj-1...
+    let d: [&[f32]; 16] = std::array::from_fn(|k| {
+        let (y, x) = ((2 * ti + k / 4) as isize - 1, (2 * tj + k % 4) as isize - 1);
+        if y < 0 || x < 0 || y as usize >= s.h || x as usize >= s.w {
+            zeros
+        } else {
+            &xh[((bi * s.h + y as usize) * s.w + x as usize) * c..][..c]
+        }
+    });
+    // Bᵀ d, row by row of the result: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
+    for (k, dst) in bt.chunks_exact_mut(c).enumerate() {
+        let (r, q) = (k / 4, k % 4);
+        let (a, b, sign) = match r {
+            0 => (d[q], d[8 + q], -1.0),
+            1 => (d[4 + q], d[8 + q], 1.0),
+            2 => (d[8 + q], d[4 + q], -1.0),
+            _ => (d[4 + q], d[12 + q], -1.0),
+        };
+        combine(dst, a, b, sign);
+    }
+    // (Bᵀ d) B: the same combination along each row.
+    let x = |k: usize| &bt[k * c..][..c];
+    for (k, dst) in out.chunks_exact_mut(c).enumerate() {
+        let (r, q) = (4 * (k / 4), k % 4);
+        let (a, b, sign) = match q {
+            0 => (x(r), x(r + 2), -1.0),
+            1 => (x(r + 1), x(r + 2), 1.0),
+            2 => (x(r + 2), x(r + 1), -1.0),
+            _ => (x(r + 1), x(r + 3), -1.0),
+        };
+        combine(dst, a, b, sign);
+    }
 }
 
 /// `dst = a + sign * b`, elementwise (`sign` is 1 or -1: exact).
@@ -139,86 +143,113 @@ fn combine(dst: &mut [f32], a: &[f32], b: &[f32], sign: f32) {
     }
 }
 
-/// `Y = Aᵀ M A` from `m` `[tiles, 16, C_out]` into NHWC `[B, H, W, C_out]`, one task per pair
-/// of output rows (a row of tiles).
-fn output_transform(m: &[f32], s: Shape3x3) -> Scratch {
+/// `Y = Aᵀ M A` for tile `t` from `mt` `[16, C_out]` into `out`, the NHWC `[.., W, C_out]`
+/// rows from output row `row0` on; `z` is scratch of `8 C_out`.
+fn output_transform(
+    mt: &[f32],
+    s: &Shape3x3,
+    t: usize,
+    row0: usize,
+    z: &mut [f32],
+    out: &mut [f32],
+) {
     let (c, th, tw) = (s.c_out, s.tiles_h(), s.tiles_w());
-    let mut yh = Scratch::new(s.b * s.h * s.w * c);
-    let bands = yh
-        .par_chunks_mut(s.h * s.w * c)
-        .enumerate()
-        .flat_map(|(bi, img)| {
-            img.par_chunks_mut(2 * s.w * c)
-                .enumerate()
-                .map(move |(ti, band)| (bi, ti, band))
-        });
-    bands.for_each_init(
-        || vec![0f32; 8 * c],
-        |z, (bi, ti, band)| {
-            for tj in 0..tw {
-                let t = (bi * th + ti) * tw + tj;
-                let mt = &m[t * 16 * c..][..16 * c];
-                let e = |k: usize| &mt[k * c..][..c];
-                // Aᵀ M: rows m0 + m1 + m2 and m1 - m2 - m3, per column.
-                for q in 0..4 {
-                    let (z0, z1) = z.split_at_mut(4 * c);
-                    let (m0, m1, m2, m3) = (e(q), e(4 + q), e(8 + q), e(12 + q));
-                    for o in 0..c {
-                        z0[q * c + o] = m0[o] + m1[o] + m2[o];
-                        z1[q * c + o] = m1[o] - m2[o] - m3[o];
-                    }
-                }
-                // (Aᵀ M) A: columns z0 + z1 + z2 and z1 - z2 - z3, for each output row.
-                for r in 0..2 {
-                    if 2 * ti + r >= s.h {
-                        continue;
-                    }
-                    let zr = &z[r * 4 * c..][..4 * c];
-                    let (z0, z1, z2, z3) =
-                        (&zr[..c], &zr[c..2 * c], &zr[2 * c..3 * c], &zr[3 * c..]);
-                    let row = &mut band[r * s.w * c..][..s.w * c];
-                    let left = &mut row[2 * tj * c..][..c];
-                    for o in 0..c {
-                        left[o] = z0[o] + z1[o] + z2[o];
-                    }
-                    if 2 * tj + 1 < s.w {
-                        let right = &mut row[(2 * tj + 1) * c..][..c];
-                        for o in 0..c {
-                            right[o] = z1[o] - z2[o] - z3[o];
-                        }
-                    }
-                }
+    let (bi, ti, tj) = (t / (th * tw), t / tw % th, t % tw);
+    let e = |k: usize| &mt[k * c..][..c];
+    // Aᵀ M: rows m0 + m1 + m2 and m1 - m2 - m3, per column.
+    for q in 0..4 {
+        let (z0, z1) = z.split_at_mut(4 * c);
+        let (m0, m1, m2, m3) = (e(q), e(4 + q), e(8 + q), e(12 + q));
+        for o in 0..c {
+            z0[q * c + o] = m0[o] + m1[o] + m2[o];
+            z1[q * c + o] = m1[o] - m2[o] - m3[o];
+        }
+    }
+    // (Aᵀ M) A: columns z0 + z1 + z2 and z1 - z2 - z3, for each output row.
+    for r in 0..2 {
+        if 2 * ti + r >= s.h {
+            continue;
+        }
+        let zr = &z[r * 4 * c..][..4 * c];
+        let (z0, z1, z2, z3) = (&zr[..c], &zr[c..2 * c], &zr[2 * c..3 * c], &zr[3 * c..]);
+        let row = &mut out[((bi * s.h + 2 * ti + r) * s.w - row0 * s.w) * c..][..s.w * c];
+        let left = &mut row[2 * tj * c..][..c];
+        for o in 0..c {
+            left[o] = z0[o] + z1[o] + z2[o];
+        }
+        if 2 * tj + 1 < s.w {
+            let right = &mut row[(2 * tj + 1) * c..][..c];
+            for o in 0..c {
+                right[o] = z1[o] - z2[o] - z3[o];
             }
-        },
-    );
-    yh
+        }
+    }
 }
 
 /// The 3x3, stride-1, padding-1 convolution of NCHW `x` `[B, C, H, W]` with `w`
 /// `[C_out, C, 3, 3]`, plus `bias` where given, as NCHW `[B, C_out, H, W]`.
+///
+/// The tiles go in blocks of whole rows of tiles (whole images where an image has fewer than
+/// [`BLOCK_TILES`]); each block is transformed, multiplied (16 single-threaded products) and
+/// transformed back by one task, into its own rows of the NHWC output, while its values are
+/// still in cache. Blocks run in parallel.
 pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -> Vec<f32> {
-    let (c, c_out, tiles) = (s.c, s.c_out, s.tiles());
+    let (c, c_out, th, tw) = (s.c, s.c_out, s.tiles_h(), s.tiles_w());
     let u = kernel_transform(w, c, c_out);
-    let v = {
-        let mut xh = Scratch::new(x.len());
-        nchw_to_nhwc(x, s.b, c, s.h * s.w, &mut xh);
-        input_transform(&xh, s)
-    };
-    let mut m = Scratch::new(tiles * 16 * c_out);
-    for xi in 0..16 {
-        let lhs = Mat {
-            data: &v[xi * c..],
-            rows: tiles,
-            cols: c,
-            rs: 16 * c,
-            cs: 1,
-        };
-        let rhs = Mat::rows(&u[xi * c * c_out..][..c * c_out], c, c_out);
-        matmul(&mut m[xi * c_out..], 16 * c_out, lhs, rhs, false);
+    let mut xh = Scratch::new(x.len());
+    nchw_to_nhwc(x, s.b, c, s.h * s.w, &mut xh);
+    let mut yh = Scratch::new(s.b * s.h * s.w * c_out);
+    // (first tile, tiles, first output row over the batch, the block's output rows).
+    let image = s.h * s.w * c_out;
+    let mut blocks: Vec<(usize, usize, usize, &mut [f32])> = Vec::new();
+    if th * tw >= BLOCK_TILES {
+        let bands = BLOCK_TILES.div_ceil(tw);
+        for (bi, img) in yh.chunks_mut(image).enumerate() {
+            for (k, rows) in img.chunks_mut(2 * bands * s.w * c_out).enumerate() {
+                let ti = k * bands;
+                let n = bands.min(th - ti);
+                blocks.push(((bi * th + ti) * tw, n * tw, bi * s.h + 2 * ti, rows));
+            }
+        }
+    } else {
+        let images = BLOCK_TILES.div_ceil(th * tw);
+        for (k, rows) in yh.chunks_mut(images * image).enumerate() {
+            let b0 = k * images;
+            let n = images.min(s.b - b0);
+            blocks.push((b0 * th * tw, n * th * tw, b0 * s.h, rows));
+        }
     }
-    drop(v);
-    let yh = output_transform(&m, s);
-    drop(m);
+    let most = blocks.iter().map(|b| b.1).max().unwrap_or(0);
+    let zeros = vec![0f32; c];
+    blocks.into_par_iter().for_each_init(
+        || {
+            (
+                vec![0f32; most * 16 * c],
+                vec![0f32; most * 16 * c_out],
+                vec![0f32; 16 * c.max(c_out)],
+            )
+        },
+        |(v, m, tmp), (t0, n, row0, out)| {
+            for (i, vt) in v.chunks_exact_mut(16 * c).take(n).enumerate() {
+                input_transform(&xh, &s, t0 + i, &zeros, &mut tmp[..16 * c], vt);
+            }
+            for xi in 0..16 {
+                let lhs = Mat {
+                    data: &v[xi * c..],
+                    rows: n,
+                    cols: c,
+                    rs: 16 * c,
+                    cs: 1,
+                };
+                let rhs = Mat::rows(&u[xi * c * c_out..][..c * c_out], c, c_out);
+                matmul_serial(&mut m[xi * c_out..], 16 * c_out, lhs, rhs);
+            }
+            for (i, mt) in m.chunks_exact(16 * c_out).take(n).enumerate() {
+                output_transform(mt, &s, t0 + i, row0, &mut tmp[..8 * c_out], out);
+            }
+        },
+    );
+    drop(xh);
     let mut y = vec![0f32; s.b * c_out * s.h * s.w];
     nhwc_to_nchw(&yh, s.b, c_out, s.h * s.w, bias, &mut y);
     y

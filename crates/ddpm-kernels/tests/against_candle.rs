@@ -33,7 +33,7 @@ fn dot(a: &Tensor, b: &Tensor) -> f32 {
 /// (batch, c_in, c_out, h, w, k, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CASES: [Case; 13] = [
+const CASES: [Case; 14] = [
     (1, 1, 1, 5, 5, 3, 1, 1),
     (2, 3, 4, 7, 9, 3, 1, 1),
     (1, 4, 2, 8, 8, 4, 2, 1),
@@ -45,9 +45,11 @@ const CASES: [Case; 13] = [
     // Larger maps, odd sizes.
     (3, 3, 5, 17, 16, 3, 1, 1),
     (2, 4, 3, 34, 33, 4, 2, 1),
-    // 3x3 stride 1 padding 1, wide and with 1024+ 2x2 tiles: conv2d's Winograd path (forward
-    // and input gradient); odd sizes leave half-filled tiles at the edges.
+    // 3x3 stride 1 padding 1, 16+ channels, 256+ 2x2 tiles: conv2d's Winograd path (forward
+    // and input gradient). Odd sizes leave half-filled tiles at the edges; blocks of whole
+    // rows of tiles (the last one shorter) and of whole images (the last one shorter).
     (1, 64, 128, 63, 65, 3, 1, 1),
+    (1, 16, 16, 45, 70, 3, 1, 1),
     (5, 128, 64, 31, 30, 3, 1, 1),
     // 2 x 128 x 128 = 32768 output positions: conv2d's kernel gradient takes its other path.
     (2, 2, 3, 128, 128, 3, 1, 1),
