@@ -17,7 +17,7 @@
 //!   `dw = x^T im2row(dy)`.
 //!
 //! - 3x3 stride-1 padding-1 convolutions with 16+ channels each side and 256+ 2x2 output
-//!   tiles run forward, and their input gradient, by Winograd's F(2x2, 3x3) instead: per block
+//!   tiles run forward and backward by Winograd's F(2x2, 3x3) instead: per block
 //!   of tiles, 16 products `[tiles, C] x [C, C_out]` with 2.25x fewer multiplies, the
 //!   transforms done while the block is in cache (see `winograd.rs`).
 //!
@@ -194,6 +194,17 @@ impl Passes for Conv2d {
         let (g, c_out) = (&self.g, self.c_out);
         let (l, ckk, hw) = (g.l(), g.ckk(), g.h * g.w);
         let db = channel_sums(dy, b, c_out, l);
+        if let Some(s) = self.winograd(b) {
+            let dw = winograd::kernel_grad3x3(x, dy, s);
+            // dx is the same-size 3x3 convolution of dy with the flipped kernel.
+            let flipped = winograd::flipped_kernel(w, g.c, c_out);
+            let s = winograd::Shape3x3 {
+                c: c_out,
+                c_out: g.c,
+                ..s
+            };
+            return [winograd::conv3x3(dy, &flipped, None, s), dw, db];
+        }
         let mut dyh = Scratch::new(b * l * c_out);
         nchw_to_nhwc(dy, b, c_out, l, &mut dyh);
         let dyh = Mat::rows(&dyh, b * l, c_out);
@@ -217,17 +228,6 @@ impl Passes for Conv2d {
         let mut dw = vec![0f32; c_out * ckk];
         kernel_from_rows(&dwr, c_out, g.c, g.k * g.k, &mut dw);
         drop(dwr);
-        if let Some(s) = self.winograd(b) {
-            // dx is the same-size 3x3 convolution of dy with the flipped kernel.
-            drop(rows);
-            let flipped = winograd::flipped_kernel(w, g.c, c_out);
-            let s = winograd::Shape3x3 {
-                c: c_out,
-                c_out: g.c,
-                ..s
-            };
-            return [winograd::conv3x3(dy, &flipped, None, s), dw, db];
-        }
         // The gradient of the rows reuses their buffer.
         let wr = self.kernel_rows(w);
         matmul(&mut rows, ckk, dyh, Mat::rows(&wr, c_out, ckk), false);

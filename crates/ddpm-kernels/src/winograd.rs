@@ -190,7 +190,7 @@ fn output_transform(
 /// `[C_out, C, 3, 3]`, plus `bias` where given, as NCHW `[B, C_out, H, W]`.
 ///
 /// The tiles go in blocks of whole rows of tiles (whole images where an image has fewer than
-/// [`BLOCK_TILES`]); each block is transformed, multiplied (16 single-threaded products) and
+/// a block takes); each block is transformed, multiplied (16 single-threaded products) and
 /// transformed back by one task, into its own rows of the NHWC output, while its values are
 /// still in cache. Blocks run in parallel.
 pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -> Vec<f32> {
@@ -199,25 +199,18 @@ pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -
     let mut xh = Scratch::new(x.len());
     nchw_to_nhwc(x, s.b, c, s.h * s.w, &mut xh);
     let mut yh = Scratch::new(s.b * s.h * s.w * c_out);
-    // (first tile, tiles, first output row over the batch, the block's output rows).
-    let image = s.h * s.w * c_out;
+    // (first tile, tiles, first output row over the batch, the block's output rows): each
+    // block's tiles cover whole output rows, contiguous in NHWC.
+    let mut rest: &mut [f32] = &mut yh;
     let mut blocks: Vec<(usize, usize, usize, &mut [f32])> = Vec::new();
-    if th * tw >= BLOCK_TILES {
-        let bands = BLOCK_TILES.div_ceil(tw);
-        for (bi, img) in yh.chunks_mut(image).enumerate() {
-            for (k, rows) in img.chunks_mut(2 * bands * s.w * c_out).enumerate() {
-                let ti = k * bands;
-                let n = bands.min(th - ti);
-                blocks.push(((bi * th + ti) * tw, n * tw, bi * s.h + 2 * ti, rows));
-            }
-        }
-    } else {
-        let images = BLOCK_TILES.div_ceil(th * tw);
-        for (k, rows) in yh.chunks_mut(images * image).enumerate() {
-            let b0 = k * images;
-            let n = images.min(s.b - b0);
-            blocks.push((b0 * th * tw, n * th * tw, b0 * s.h, rows));
-        }
+    for (t0, n) in tile_blocks(&s) {
+        let (bi, ti) = (t0 / (th * tw), t0 / tw % th);
+        let row0 = bi * s.h + 2 * ti;
+        let (bl, tl) = ((t0 + n - 1) / (th * tw), (t0 + n - 1) / tw % th);
+        let rows = (bl * s.h + (2 * tl + 2).min(s.h)) - row0;
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows * s.w * c_out);
+        rest = tail;
+        blocks.push((t0, n, row0, mine));
     }
     let most = blocks.iter().map(|b| b.1).max().unwrap_or(0);
     let zeros = vec![0f32; c];
@@ -253,6 +246,171 @@ pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -
     let mut y = vec![0f32; s.b * c_out * s.h * s.w];
     nhwc_to_nchw(&yh, s.b, c_out, s.h * s.w, bias, &mut y);
     y
+}
+
+/// The blocks of [`conv3x3`] as (first tile, tiles): whole rows of tiles, or whole images
+/// where an image has fewer tiles than a block takes.
+fn tile_blocks(s: &Shape3x3) -> Vec<(usize, usize)> {
+    let (th, tw) = (s.tiles_h(), s.tiles_w());
+    // At least 8 blocks where there are tiles enough, so that every core has work. The split
+    // depends on the shape alone: the kernel gradient sums the blocks in this order.
+    let target = s.tiles().div_ceil(8).clamp(32, BLOCK_TILES);
+    if th * tw >= target {
+        let bands = target.div_ceil(tw);
+        (0..s.b)
+            .flat_map(|bi| {
+                (0..th)
+                    .step_by(bands)
+                    .map(move |ti| ((bi * th + ti) * tw, bands.min(th - ti) * tw))
+            })
+            .collect()
+    } else {
+        let images = target.div_ceil(th * tw);
+        (0..s.b)
+            .step_by(images)
+            .map(|b0| (b0 * th * tw, images.min(s.b - b0) * th * tw))
+            .collect()
+    }
+}
+
+/// `A dY Aᵀ` (4x4) for tile `t` of NHWC `dyh` `[B, H, W, C_out]`, into `out` `[16, C_out]`;
+/// outputs past the map's edge count as 0. `p` is scratch of `8 C_out`.
+fn grad_transform(
+    dyh: &[f32],
+    s: &Shape3x3,
+    t: usize,
+    zeros: &[f32],
+    p: &mut [f32],
+    out: &mut [f32],
+) {
+    let (c, th, tw) = (s.c_out, s.tiles_h(), s.tiles_w());
+    let (bi, ti, tj) = (t / (th * tw), t / tw % th, t % tw);
+    let e: [&[f32]; 4] = std::array::from_fn(|k| {
+        let (y, x) = (2 * ti + k / 2, 2 * tj + k % 2);
+        if y >= s.h || x >= s.w {
+            zeros
+        } else {
+            &dyh[((bi * s.h + y) * s.w + x) * c..][..c]
+        }
+    });
+    // A dY with A = [[1, 0], [1, 1], [1, -1], [0, -1]]: rows y0, y0 + y1, y0 - y1, -y1, per
+    // column of dY.
+    for (k, dst) in p.chunks_exact_mut(c).enumerate() {
+        let (r, q) = (k / 2, k % 2);
+        let (a, b) = (e[q], e[2 + q]);
+        for o in 0..c {
+            dst[o] = match r {
+                0 => a[o],
+                1 => a[o] + b[o],
+                2 => a[o] - b[o],
+                _ => -b[o],
+            };
+        }
+    }
+    // (A dY) Aᵀ: the same along each row.
+    for (k, dst) in out.chunks_exact_mut(c).enumerate() {
+        let (r, q) = (k / 4, k % 4);
+        let (a, b) = (&p[2 * r * c..][..c], &p[(2 * r + 1) * c..][..c]);
+        for o in 0..c {
+            dst[o] = match q {
+                0 => a[o],
+                1 => a[o] + b[o],
+                2 => a[o] - b[o],
+                _ => -b[o],
+            };
+        }
+    }
+}
+
+/// Row `i` of `Gᵀ` times `v`: the adjoint of [`g_row`].
+fn gt_row(i: usize, v: [f32; 4]) -> f32 {
+    match i {
+        0 => v[0] + 0.5 * (v[1] + v[2]),
+        1 => 0.5 * (v[1] - v[2]),
+        _ => 0.5 * (v[1] + v[2]) + v[3],
+    }
+}
+
+/// The kernel gradient `[C_out, C, 3, 3]` of [`conv3x3`] from its input `x` and output
+/// gradient `dy` (NCHW). The forward pass is `Y = Aᵀ (U ⊙ V) A` per tile with `U = G g Gᵀ`,
+/// so `dU = Σ_tiles V ⊙ (A dY Aᵀ)` and `dg = Gᵀ dU G`. Each block's sum over its tiles is 16
+/// products `Vᵀ [C, tiles] x [tiles, C_out]`; the blocks' sums are then added in block order,
+/// so the result does not depend on the thread count.
+pub(crate) fn kernel_grad3x3(x: &[f32], dy: &[f32], s: Shape3x3) -> Vec<f32> {
+    let (c, c_out) = (s.c, s.c_out);
+    let mut xh = Scratch::new(x.len());
+    nchw_to_nhwc(x, s.b, c, s.h * s.w, &mut xh);
+    let mut dyh = Scratch::new(dy.len());
+    nchw_to_nhwc(dy, s.b, c_out, s.h * s.w, &mut dyh);
+    let blocks = tile_blocks(&s);
+    let most = blocks.iter().map(|b| b.1).max().unwrap_or(0);
+    let zeros = vec![0f32; c.max(c_out)];
+    let size = 16 * c * c_out;
+    let mut partial = vec![0f32; blocks.len() * size];
+    partial
+        .par_chunks_mut(size)
+        .zip(blocks.par_iter())
+        .for_each_init(
+            || {
+                (
+                    vec![0f32; most * 16 * c],
+                    vec![0f32; most * 16 * c_out],
+                    vec![0f32; 16 * c.max(c_out)],
+                )
+            },
+            |(v, g, tmp), (du, &(t0, n))| {
+                for (i, vt) in v.chunks_exact_mut(16 * c).take(n).enumerate() {
+                    input_transform(&xh, &s, t0 + i, &zeros[..c], &mut tmp[..16 * c], vt);
+                }
+                for (i, gt) in g.chunks_exact_mut(16 * c_out).take(n).enumerate() {
+                    grad_transform(&dyh, &s, t0 + i, &zeros[..c_out], &mut tmp[..8 * c_out], gt);
+                }
+                for xi in 0..16 {
+                    let lhs = Mat {
+                        data: &v[xi * c..],
+                        rows: c,
+                        cols: n,
+                        rs: 1,
+                        cs: 16 * c,
+                    };
+                    let rhs = Mat {
+                        data: &g[xi * c_out..],
+                        rows: n,
+                        cols: c_out,
+                        rs: 16 * c_out,
+                        cs: 1,
+                    };
+                    matmul_serial(&mut du[xi * c * c_out..], c_out, lhs, rhs);
+                }
+            },
+        );
+    drop((xh, dyh));
+    // dU: the blocks' sums added in order, in parallel over elements.
+    let mut du = vec![0f32; size];
+    du.par_chunks_mut(c_out).enumerate().for_each(|(row, out)| {
+        for part in partial.chunks_exact(size) {
+            for (o, &v) in out.iter_mut().zip(&part[row * c_out..][..c_out]) {
+                *o += v;
+            }
+        }
+    });
+    drop(partial);
+    // dg = Gᵀ dU G for every (output, input) channel pair, into [C_out, C, 3, 3].
+    let mut dw = vec![0f32; c_out * c * 9];
+    dw.par_chunks_mut(c * 9).enumerate().for_each(|(o, block)| {
+        for (ci, k) in block.chunks_exact_mut(9).enumerate() {
+            let e = |xi: usize| du[(xi * c + ci) * c_out + o];
+            for i in 0..3 {
+                // Row i of Gᵀ dU, then its product with column j of G.
+                let row: [f32; 4] =
+                    std::array::from_fn(|q| gt_row(i, [e(q), e(4 + q), e(8 + q), e(12 + q)]));
+                for j in 0..3 {
+                    k[i * 3 + j] = gt_row(j, row);
+                }
+            }
+        }
+    });
+    dw
 }
 
 /// The kernel of the input gradient of a 3x3 padding-1 convolution: `w` `[C_out, C, 3, 3]`
