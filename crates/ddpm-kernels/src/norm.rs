@@ -208,28 +208,9 @@ pub fn relu_batch_norm(
     bias: &Tensor,
     eps: f64,
 ) -> candle_core::Result<(Tensor, BatchStats)> {
-    if !relu_batch_norm_supports(x) {
-        candle_core::bail!(
-            "ddpm-kernels runs f32 on the CPU (got {:?} on {:?})",
-            x.dtype(),
-            x.device().location()
-        );
-    }
-    let dims = x.dims();
-    if dims.len() < 2 || weight.dims() != [dims[1]] || bias.dims() != [dims[1]] {
-        candle_core::bail!(
-            "relu_batch_norm takes x [N, C, ...] with weight and bias [C], got {:?}, {:?}, {:?}",
-            dims,
-            weight.dims(),
-            bias.dims()
-        );
-    }
-    if x.elem_count() == 0 {
-        candle_core::bail!("relu_batch_norm: x {dims:?} holds no values");
-    }
-    if !(eps.is_finite() && eps >= 0.0) {
-        candle_core::bail!("relu_batch_norm: eps must be >= 0, got {eps}");
-    }
+    let what = "relu_batch_norm";
+    let (channels, _) = per_channel_dims(what, x, ("weight and bias [C]", weight, bias))?;
+    check_eps(what, eps)?;
     let saved = Arc::new(OnceLock::new());
     let op = ReluBatchNorm {
         eps,
@@ -246,7 +227,7 @@ pub fn relu_batch_norm(
         BatchStats {
             mean: saved.mean.clone(),
             var: saved.var.clone(),
-            count: x.elem_count() / dims[1].max(1),
+            count: x.elem_count() / channels,
         },
     ))
 }
@@ -254,12 +235,12 @@ pub fn relu_batch_norm(
 /// `relu(x) * scale[c] + shift[c]`: an inference-mode BatchNorm folded into one pass.
 struct ReluChannelAffine;
 
-/// Checks `x` `[N, C, ...]` and two `[C]` per-channel vectors; returns `(C, positions)`.
+/// Checks that `x` is f32 on the CPU, `[N, C, ...]` and not empty, and that the two vectors,
+/// described for errors as `names`, are `[C]`; returns `(C, positions)`.
 fn per_channel_dims(
     what: &str,
     x: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
+    (names, a, b): (&str, &Tensor, &Tensor),
 ) -> candle_core::Result<(usize, usize)> {
     if !relu_batch_norm_supports(x) {
         candle_core::bail!(
@@ -271,7 +252,7 @@ fn per_channel_dims(
     let dims = x.dims();
     if dims.len() < 2 || a.dims() != [dims[1]] || b.dims() != [dims[1]] {
         candle_core::bail!(
-            "{what} takes x [N, C, ...] with two [C] vectors, got {:?}, {:?}, {:?}",
+            "{what} takes x [N, C, ...] with {names}, got {:?}, {:?}, {:?}",
             dims,
             a.dims(),
             b.dims()
@@ -281,6 +262,14 @@ fn per_channel_dims(
         candle_core::bail!("{what}: x {dims:?} holds no values");
     }
     Ok((dims[1], dims[2..].iter().product()))
+}
+
+/// Checks a BatchNorm's `eps`.
+fn check_eps(what: &str, eps: f64) -> candle_core::Result<()> {
+    if !(eps.is_finite() && eps >= 0.0) {
+        candle_core::bail!("{what}: eps must be >= 0, got {eps}");
+    }
+    Ok(())
 }
 
 impl CustomOp3 for ReluChannelAffine {
@@ -388,7 +377,7 @@ pub fn relu_channel_affine(
     scale: &Tensor,
     shift: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    per_channel_dims("relu_channel_affine", x, scale, shift)?;
+    per_channel_dims("relu_channel_affine", x, ("two [C] vectors", scale, shift))?;
     x.contiguous()?.apply_op3(
         &scale.contiguous()?,
         &shift.contiguous()?,
@@ -408,11 +397,10 @@ pub fn relu_batch_norm_eval(
     running_var: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
-    per_channel_dims("relu_batch_norm_eval", x, weight, bias)?;
-    per_channel_dims("relu_batch_norm_eval", x, running_mean, running_var)?;
-    if !(eps.is_finite() && eps >= 0.0) {
-        candle_core::bail!("relu_batch_norm_eval: eps must be >= 0, got {eps}");
-    }
+    let what = "relu_batch_norm_eval";
+    per_channel_dims(what, x, ("two [C] vectors", weight, bias))?;
+    per_channel_dims(what, x, ("two [C] vectors", running_mean, running_var))?;
+    check_eps(what, eps)?;
     let scale = weight.mul(&(running_var + eps)?.sqrt()?.recip()?)?;
     let shift = bias.sub(&running_mean.mul(&scale)?)?;
     relu_channel_affine(x, &scale, &shift)

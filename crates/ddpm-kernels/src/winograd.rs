@@ -52,6 +52,30 @@ impl Shape3x3 {
     fn tiles(&self) -> usize {
         self.b * self.tiles_h() * self.tiles_w()
     }
+
+    /// Tile `t` as (image, tile row, tile column).
+    fn tile(&self, t: usize) -> (usize, usize, usize) {
+        let (th, tw) = (self.tiles_h(), self.tiles_w());
+        (t / (th * tw), t / tw % th, t % tw)
+    }
+
+    /// The `c` channel values of pixel (`y`, `x`) of image `bi` in NHWC `map`, or `zeros`
+    /// outside the map (the padding, or outputs past its edge).
+    fn pixel<'a>(
+        &self,
+        map: &'a [f32],
+        c: usize,
+        bi: usize,
+        y: isize,
+        x: isize,
+        zeros: &'a [f32],
+    ) -> &'a [f32] {
+        if y < 0 || x < 0 || y as usize >= self.h || x as usize >= self.w {
+            zeros
+        } else {
+            &map[((bi * self.h + y as usize) * self.w + x as usize) * c..][..c]
+        }
+    }
 }
 
 /// `U = G g Gᵀ` for every (output, input) channel pair of `w` `[C_out, C, 3, 3]`, as
@@ -100,16 +124,12 @@ fn input_transform(
     bt: &mut [f32],
     out: &mut [f32],
 ) {
-    let (c, th, tw) = (s.c, s.tiles_h(), s.tiles_w());
-    let (bi, ti, tj) = (t / (th * tw), t / tw % th, t % tw);
+    let c = s.c;
+    let (bi, ti, tj) = s.tile(t);
     // The 16 channel vectors of the patch, rows 2ti-1.., columns 2tj-1...
     let d: [&[f32]; 16] = std::array::from_fn(|k| {
         let (y, x) = ((2 * ti + k / 4) as isize - 1, (2 * tj + k % 4) as isize - 1);
-        if y < 0 || x < 0 || y as usize >= s.h || x as usize >= s.w {
-            zeros
-        } else {
-            &xh[((bi * s.h + y as usize) * s.w + x as usize) * c..][..c]
-        }
+        s.pixel(xh, c, bi, y, x, zeros)
     });
     // Bᵀ d, row by row of the result: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
     for (k, dst) in bt.chunks_exact_mut(c).enumerate() {
@@ -153,8 +173,8 @@ fn output_transform(
     z: &mut [f32],
     out: &mut [f32],
 ) {
-    let (c, th, tw) = (s.c_out, s.tiles_h(), s.tiles_w());
-    let (bi, ti, tj) = (t / (th * tw), t / tw % th, t % tw);
+    let c = s.c_out;
+    let (bi, ti, tj) = s.tile(t);
     let e = |k: usize| &mt[k * c..][..c];
     // Aᵀ M: rows m0 + m1 + m2 and m1 - m2 - m3, per column.
     for q in 0..4 {
@@ -194,7 +214,7 @@ fn output_transform(
 /// transformed back by one task, into its own rows of the NHWC output, while its values are
 /// still in cache. Blocks run in parallel.
 pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -> Vec<f32> {
-    let (c, c_out, th, tw) = (s.c, s.c_out, s.tiles_h(), s.tiles_w());
+    let (c, c_out) = (s.c, s.c_out);
     let u = kernel_transform(w, c, c_out);
     let mut xh = Scratch::new(x.len());
     nchw_to_nhwc(x, s.b, c, s.h * s.w, &mut xh);
@@ -204,9 +224,9 @@ pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -
     let mut rest: &mut [f32] = &mut yh;
     let mut blocks: Vec<(usize, usize, usize, &mut [f32])> = Vec::new();
     for (t0, n) in tile_blocks(&s) {
-        let (bi, ti) = (t0 / (th * tw), t0 / tw % th);
+        let (bi, ti, _) = s.tile(t0);
         let row0 = bi * s.h + 2 * ti;
-        let (bl, tl) = ((t0 + n - 1) / (th * tw), (t0 + n - 1) / tw % th);
+        let (bl, tl, _) = s.tile(t0 + n - 1);
         let rows = (bl * s.h + (2 * tl + 2).min(s.h)) - row0;
         let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows * s.w * c_out);
         rest = tail;
@@ -283,15 +303,11 @@ fn grad_transform(
     p: &mut [f32],
     out: &mut [f32],
 ) {
-    let (c, th, tw) = (s.c_out, s.tiles_h(), s.tiles_w());
-    let (bi, ti, tj) = (t / (th * tw), t / tw % th, t % tw);
+    let c = s.c_out;
+    let (bi, ti, tj) = s.tile(t);
     let e: [&[f32]; 4] = std::array::from_fn(|k| {
         let (y, x) = (2 * ti + k / 2, 2 * tj + k % 2);
-        if y >= s.h || x >= s.w {
-            zeros
-        } else {
-            &dyh[((bi * s.h + y) * s.w + x) * c..][..c]
-        }
+        s.pixel(dyh, c, bi, y as isize, x as isize, zeros)
     });
     // A dY with A = [[1, 0], [1, 1], [1, -1], [0, -1]]: rows y0, y0 + y1, y0 - y1, -y1, per
     // column of dY.
