@@ -158,9 +158,13 @@ impl SeedTimeMlp {
 }
 
 impl Module for SeedTimeMlp {
-    /// `[B]` timesteps to `[B, dim]` features.
+    /// `[B]` timesteps to `[B, dim]` features, in the dtype of the weights.
     fn forward(&self, t: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear.forward(&self.embedding.forward(t)?)?.relu()
+        let features = self
+            .embedding
+            .forward(t)?
+            .to_dtype(self.linear.weight().dtype())?;
+        self.linear.forward(&features)?.relu()
     }
 }
 

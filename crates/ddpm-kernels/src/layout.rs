@@ -156,9 +156,9 @@ pub(crate) fn im2row(x: &[f32], b: usize, g: &Geometry, rows: &mut [f32]) {
         });
 }
 
-/// The adjoint of [`im2row`]: `rows` `[B*L, k*k*C]` summed into NHWC `out` `[B, H, W, C]`.
-/// Every element of `out` is written.
-pub(crate) fn row2im(rows: &[f32], b: usize, g: &Geometry, out: &mut [f32]) {
+/// The adjoint of [`im2row`]: `rows` `[B*L, k*k*C]` summed into NHWC `out` `[B, H, W, C]`,
+/// onto `bias` `[C]` at every position where given. Every element of `out` is written.
+pub(crate) fn row2im(rows: &[f32], b: usize, g: &Geometry, bias: Option<&[f32]>, out: &mut [f32]) {
     let (ho, wo) = g.out_hw().expect("checked when the op was built");
     let (c, k) = (g.c, g.k);
     let width = k * k * c;
@@ -166,7 +166,10 @@ pub(crate) fn row2im(rows: &[f32], b: usize, g: &Geometry, out: &mut [f32]) {
     debug_assert_eq!(out.len(), b * image);
     debug_assert_eq!(rows.len(), b * ho * wo * width);
     out.par_chunks_mut(image).enumerate().for_each(|(bi, o)| {
-        o.fill(0.0);
+        match bias {
+            Some(v) => o.chunks_exact_mut(c).for_each(|p| p.copy_from_slice(v)),
+            None => o.fill(0.0),
+        }
         let src = &rows[bi * ho * wo * width..][..ho * wo * width];
         for (pos, row) in src.chunks(width).enumerate() {
             let (oy, ox) = (pos / wo, pos % wo);
@@ -188,19 +191,48 @@ pub(crate) fn row2im(rows: &[f32], b: usize, g: &Geometry, out: &mut [f32]) {
     });
 }
 
-/// Per-channel sums of NCHW `x` `[B, C, L]` over `B` and `L`, in f64, in a fixed order.
-pub(crate) fn channel_sums(x: &[f32], b: usize, c: usize, l: usize) -> Vec<f32> {
-    (0..c)
+/// Rows per task of [`channel_sums_nhwc`]: a split that depends on the shape alone.
+const SUM_ROWS: usize = 1024;
+
+/// Per-channel sums of NHWC `x` `[positions, c]` over the positions, in f64, in a fixed order
+/// (see [`row_sums`]).
+pub(crate) fn channel_sums_nhwc(x: &[f32], c: usize) -> Vec<f32> {
+    if c == 0 {
+        return Vec::new();
+    }
+    row_sums(x.len() / c, c, |r, acc| {
+        for (a, &v) in acc.iter_mut().zip(&x[r * c..][..c]) {
+            *a += f64::from(v);
+        }
+    })
+    .into_iter()
+    .map(|v| v as f32)
+    .collect()
+}
+
+/// `width` sums over `rows` rows in f64: `add(r, acc)` adds row `r`'s terms to `acc`. Blocks of
+/// [`SUM_ROWS`] rows are summed in parallel, then the blocks' sums are added in order: a split
+/// that depends on the shape alone, so the result does not depend on the thread count.
+pub(crate) fn row_sums(
+    rows: usize,
+    width: usize,
+    add: impl Fn(usize, &mut [f64]) + Sync,
+) -> Vec<f64> {
+    let blocks: Vec<Vec<f64>> = (0..rows.div_ceil(SUM_ROWS))
         .into_par_iter()
-        .map(|ci| {
-            (0..b)
-                .map(|bi| {
-                    x[(bi * c + ci) * l..][..l]
-                        .iter()
-                        .map(|&v| f64::from(v))
-                        .sum::<f64>()
-                })
-                .sum::<f64>() as f32
+        .map(|block| {
+            let mut acc = vec![0f64; width];
+            for r in block * SUM_ROWS..((block + 1) * SUM_ROWS).min(rows) {
+                add(r, &mut acc);
+            }
+            acc
         })
-        .collect()
+        .collect();
+    let mut total = vec![0f64; width];
+    for block in &blocks {
+        for (t, v) in total.iter_mut().zip(block) {
+            *t += v;
+        }
+    }
+    total
 }

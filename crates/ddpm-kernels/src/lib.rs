@@ -16,6 +16,11 @@
 //!   gives rows, which row2im sums into the output; backward: `dx = im2row(dy) w^T`,
 //!   `dw = x^T im2row(dy)`.
 //!
+//! - Channels-last forms ([`conv2d_nhwc`], [`conv_transpose2d_nhwc`], and `_nhwc` forms of
+//!   the BatchNorms) take and give NHWC tensors and skip the transposes: a model that keeps its
+//!   activations channels-last between convolutions (as `ddpm-unet`'s SimpleUnet does) pays
+//!   for no transposes at all; [`add_per_image_nhwc`] adds a per-image vector (a projected
+//!   time embedding) at every position.
 //! - 3x3 stride-1 padding-1 convolutions with 16+ channels each side and 256+ 2x2 output
 //!   tiles run forward and backward by Winograd's F(2x2, 3x3) instead: per block
 //!   of tiles, 16 products `[tiles, C] x [C, C_out]` with 2.25x fewer multiplies, the
@@ -51,14 +56,17 @@ mod norm;
 mod winograd;
 
 pub use norm::{
-    BatchStats, relu_batch_norm, relu_batch_norm_eval, relu_batch_norm_supports,
-    relu_channel_affine,
+    BatchStats, add_per_image_nhwc, relu_batch_norm, relu_batch_norm_eval,
+    relu_batch_norm_eval_nhwc, relu_batch_norm_nhwc, relu_batch_norm_supports, relu_channel_affine,
+    relu_channel_affine_nhwc,
 };
+
+use rayon::prelude::*;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use layout::{
-    Geometry, channel_sums, im2row, kernel_from_rows, kernel_to_rows, nchw_to_nhwc, nhwc_to_nchw,
-    row2im, transpose,
+    Geometry, channel_sums_nhwc, im2row, kernel_from_rows, kernel_to_rows, nchw_to_nhwc,
+    nhwc_to_nchw, row2im, transpose,
 };
 use matmul::{Mat, Scratch, matmul};
 
@@ -88,20 +96,24 @@ fn tensor(data: Vec<f32>, dims: &[usize], like: &Tensor) -> candle_core::Result<
     Tensor::from_vec(data, dims, like.device())
 }
 
-/// `conv2d` with bias: the geometry of the input side and the output channels.
+/// `conv2d` with bias: the geometry of the input side, the output channels and the layout of
+/// input and output.
 struct Conv2d {
     g: Geometry,
     c_out: usize,
+    nhwc: bool,
 }
 
 /// `conv_transpose2d` with bias: the geometry of the *output* side (the forward pass of this
-/// op is the backward pass of a `conv2d` on that side) and the input channels.
+/// op is the backward pass of a `conv2d` on that side), the input channels and the layout.
 struct ConvTranspose2d {
     g: Geometry,
     c_in: usize,
+    nhwc: bool,
 }
 
 /// What a convolution op computes on plain slices; [`Op`] makes any of them a candle op.
+/// Both convolutions compute channels-last; their NCHW forms transpose around that.
 trait Passes {
     /// The op's name in candle's graph.
     const NAME: &'static str;
@@ -112,21 +124,35 @@ trait Passes {
     /// `[C, H, W]` of the output.
     fn out_dims(&self) -> [usize; 3];
 
-    /// The output from the input, kernel and bias of a batch of `b`.
+    /// Whether input and output are NHWC (else NCHW).
+    fn nhwc(&self) -> bool;
+
+    /// The NHWC output from the NHWC input, the kernel and the bias of a batch of `b`.
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32>;
 
-    /// `(dx, dw, db)` from the input, the kernel and the output gradient.
+    /// `(dx, dw, db)` from the NHWC input, the kernel and the NHWC output gradient.
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], b: usize) -> [Vec<f32>; 3];
 }
 
+/// `len` values of `bias` repeated: the rows a product then accumulates onto.
+fn bias_rows(bias: &[f32], len: usize) -> Vec<f32> {
+    let mut y = vec![0f32; len];
+    if !bias.is_empty() {
+        y.par_chunks_mut(bias.len() * 256).for_each(|block| {
+            for row in block.chunks_exact_mut(bias.len()) {
+                row.copy_from_slice(bias);
+            }
+        });
+    }
+    y
+}
+
 impl Conv2d {
-    /// The receptive fields of NCHW `x` as rows `[B*L, k*k*C]`.
+    /// The receptive fields of NHWC `x` as rows `[B*L, k*k*C]`.
     fn rows(&self, x: &[f32], b: usize) -> Scratch {
         let g = &self.g;
-        let mut xh = Scratch::new(x.len());
-        nchw_to_nhwc(x, b, g.c, g.h * g.w, &mut xh);
         let mut rows = Scratch::new(b * g.l() * g.ckk());
-        im2row(&xh, b, g, &mut rows);
+        im2row(x, b, g, &mut rows);
         rows
     }
 
@@ -166,6 +192,10 @@ impl Passes for Conv2d {
         [self.c_out, ho, wo]
     }
 
+    fn nhwc(&self) -> bool {
+        self.nhwc
+    }
+
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32> {
         if let Some(s) = self.winograd(b) {
             return winograd::conv3x3(x, w, Some(bias), s);
@@ -174,26 +204,23 @@ impl Passes for Conv2d {
         let (l, ckk) = (g.l(), g.ckk());
         let rows = self.rows(x, b);
         let wr = self.kernel_rows(w);
-        // [B*L, C_out] = rows [B*L, k*k*C] times the kernel transposed: positions along the
-        // matmul's long side, the shape `gemm` runs fastest.
-        let mut yh = Scratch::new(b * l * c_out);
+        // [B*L, C_out] = bias + rows [B*L, k*k*C] times the kernel transposed: positions along
+        // the matmul's long side, the shape `gemm` runs fastest.
+        let mut y = bias_rows(bias, b * l * c_out);
         matmul(
-            &mut yh,
+            &mut y,
             c_out,
             Mat::rows(&rows, b * l, ckk),
             Mat::rows(&wr, c_out, ckk).t(),
-            false,
+            true,
         );
-        drop(rows);
-        let mut y = vec![0f32; b * c_out * l];
-        nhwc_to_nchw(&yh, b, c_out, l, Some(bias), &mut y);
         y
     }
 
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], b: usize) -> [Vec<f32>; 3] {
         let (g, c_out) = (&self.g, self.c_out);
         let (l, ckk, hw) = (g.l(), g.ckk(), g.h * g.w);
-        let db = channel_sums(dy, b, c_out, l);
+        let db = channel_sums_nhwc(dy, c_out);
         if let Some(s) = self.winograd(b) {
             let dw = winograd::kernel_grad3x3(x, dy, s);
             // dx is the same-size 3x3 convolution of dy with the flipped kernel.
@@ -205,9 +232,7 @@ impl Passes for Conv2d {
             };
             return [winograd::conv3x3(dy, &flipped, None, s), dw, db];
         }
-        let mut dyh = Scratch::new(b * l * c_out);
-        nchw_to_nhwc(dy, b, c_out, l, &mut dyh);
-        let dyh = Mat::rows(&dyh, b * l, c_out);
+        let dyh = Mat::rows(dy, b * l, c_out);
         let mut rows = self.rows(x, b);
         let mut dwr = Scratch::new(c_out * ckk);
         if b * l >= LONG_REDUCTION {
@@ -232,11 +257,8 @@ impl Passes for Conv2d {
         let wr = self.kernel_rows(w);
         matmul(&mut rows, ckk, dyh, Mat::rows(&wr, c_out, ckk), false);
         drop(wr);
-        let mut dxh = Scratch::new(b * hw * g.c);
-        row2im(&rows, b, g, &mut dxh);
-        drop(rows);
-        let mut dx = vec![0f32; b * g.c * hw];
-        nhwc_to_nchw(&dxh, b, g.c, hw, None, &mut dx);
+        let mut dx = vec![0f32; b * hw * g.c];
+        row2im(&rows, b, g, None, &mut dx);
         [dx, dw, db]
     }
 }
@@ -263,49 +285,41 @@ impl Passes for ConvTranspose2d {
         [self.g.c, self.g.h, self.g.w]
     }
 
+    fn nhwc(&self) -> bool {
+        self.nhwc
+    }
+
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32> {
         let (g, c_in) = (&self.g, self.c_in);
         let (l, ckk, hw) = (g.l(), g.ckk(), g.h * g.w);
-        let mut xh = Scratch::new(b * l * c_in);
-        nchw_to_nhwc(x, b, c_in, l, &mut xh);
         let wr = self.kernel_rows(w);
         let mut rows = Scratch::new(b * l * ckk);
         matmul(
             &mut rows,
             ckk,
-            Mat::rows(&xh, b * l, c_in),
+            Mat::rows(x, b * l, c_in),
             Mat::rows(&wr, c_in, ckk),
             false,
         );
-        drop((xh, wr));
-        let mut yh = Scratch::new(b * hw * g.c);
-        row2im(&rows, b, g, &mut yh);
-        drop(rows);
-        let mut y = vec![0f32; b * g.c * hw];
-        nhwc_to_nchw(&yh, b, g.c, hw, Some(bias), &mut y);
+        drop(wr);
+        let mut y = vec![0f32; b * hw * g.c];
+        row2im(&rows, b, g, Some(bias), &mut y);
         y
     }
 
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], b: usize) -> [Vec<f32>; 3] {
         let (g, c_in) = (&self.g, self.c_in);
-        let (l, ckk, hw) = (g.l(), g.ckk(), g.h * g.w);
-        let db = channel_sums(dy, b, g.c, hw);
-        let mut dyh = Scratch::new(b * hw * g.c);
-        nchw_to_nhwc(dy, b, g.c, hw, &mut dyh);
+        let (l, ckk) = (g.l(), g.ckk());
+        let db = channel_sums_nhwc(dy, g.c);
         let mut rows = Scratch::new(b * l * ckk);
-        im2row(&dyh, b, g, &mut rows);
-        drop(dyh);
+        im2row(dy, b, g, &mut rows);
         let rows = Mat::rows(&rows, b * l, ckk);
         let wr = self.kernel_rows(w);
-        let mut buf = Scratch::new(b * l * c_in);
-        matmul(&mut buf, c_in, rows, Mat::rows(&wr, c_in, ckk).t(), false);
+        let mut dx = vec![0f32; b * l * c_in];
+        matmul(&mut dx, c_in, rows, Mat::rows(&wr, c_in, ckk).t(), false);
         drop(wr);
-        let mut dx = vec![0f32; b * c_in * l];
-        nhwc_to_nchw(&buf, b, c_in, l, None, &mut dx);
-        // The input as [B*L, C_in], in the same buffer.
-        nchw_to_nhwc(x, b, c_in, l, &mut buf);
         let mut dwr = Scratch::new(c_in * ckk);
-        matmul(&mut dwr, ckk, Mat::rows(&buf, b * l, c_in).t(), rows, false);
+        matmul(&mut dwr, ckk, Mat::rows(x, b * l, c_in).t(), rows, false);
         let mut dw = vec![0f32; c_in * ckk];
         kernel_from_rows(&dwr, c_in, g.c, g.k * g.k, &mut dw);
         [dx, dw, db]
@@ -330,18 +344,23 @@ impl<P: Passes> CustomOp3 for Op<P> {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x_dims, w_dims, c_bias) = self.0.operand_dims();
-        let (b, c, h, wd) = l1.shape().dims4()?;
-        if [c, h, wd] != x_dims || l2.shape().dims() != w_dims || l3.shape().dims() != [c_bias] {
+        let nhwc = self.0.nhwc();
+        let (b, d1, d2, d3) = l1.shape().dims4()?;
+        let chw = if nhwc { [d3, d1, d2] } else { [d1, d2, d3] };
+        if chw != x_dims || l2.shape().dims() != w_dims || l3.shape().dims() != [c_bias] {
+            let [c, h, w] = x_dims;
+            let input = if nhwc {
+                format!("[B, {h}, {w}, {c}]")
+            } else {
+                format!("[B, {c}, {h}, {w}]")
+            };
             candle_core::bail!(
-                "{}: operands {:?}, {:?}, {:?} do not match the op (input [B, {}, {}, {}], \
-                 kernel {w_dims:?}, bias [{c_bias}])",
+                "{}: operands {:?}, {:?}, {:?} do not match the op (input {input}, kernel \
+                 {w_dims:?}, bias [{c_bias}])",
                 P::NAME,
                 l1.shape(),
                 l2.shape(),
                 l3.shape(),
-                x_dims[0],
-                x_dims[1],
-                x_dims[2],
             );
         }
         let (x, w, bias) = (
@@ -349,8 +368,13 @@ impl<P: Passes> CustomOp3 for Op<P> {
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
-        let y = self.0.forward(x, w, bias, b);
         let [c, h, wd] = self.0.out_dims();
+        if nhwc {
+            let y = self.0.forward(x, w, bias, b);
+            return Ok((CpuStorage::F32(y), Shape::from((b, h, wd, c))));
+        }
+        let yh = self.0.forward(&to_nhwc(x, b, x_dims[0]), w, bias, b);
+        let y = to_nchw(&yh, b, c);
         Ok((CpuStorage::F32(y), Shape::from((b, c, h, wd))))
     }
 
@@ -363,9 +387,18 @@ impl<P: Passes> CustomOp3 for Op<P> {
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let b = x.dim(0)?;
+        let nhwc = self.0.nhwc();
+        let (c_in, c_out) = (self.0.operand_dims().0[0], self.0.out_dims()[0]);
         let [dx, dw, db] = with_data(x, |x| {
             with_data(w, |w| {
-                with_data(grad_res, |dy| self.0.backward(x, w, dy, b))
+                with_data(grad_res, |dy| {
+                    if nhwc {
+                        return self.0.backward(x, w, dy, b);
+                    }
+                    let (xh, dyh) = (to_nhwc(x, b, c_in), to_nhwc(dy, b, c_out));
+                    let [dxh, dw, db] = self.0.backward(&xh, w, &dyh, b);
+                    [to_nchw(&dxh, b, c_in), dw, db]
+                })
             })
         })???;
         Ok((
@@ -374,6 +407,20 @@ impl<P: Passes> CustomOp3 for Op<P> {
             Some(tensor(db, bias.dims(), bias)?),
         ))
     }
+}
+
+/// NCHW `x` (batch `b`, `c` channels) as NHWC, in scratch.
+fn to_nhwc(x: &[f32], b: usize, c: usize) -> Scratch {
+    let mut xh = Scratch::new(x.len());
+    nchw_to_nhwc(x, b, c, x.len() / (b * c).max(1), &mut xh);
+    xh
+}
+
+/// NHWC `x` (batch `b`, `c` channels) as NCHW.
+fn to_nchw(x: &[f32], b: usize, c: usize) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    nhwc_to_nchw(x, b, c, x.len() / (b * c).max(1), None, &mut y);
+    y
 }
 
 /// Whether these kernels run for `x` and `w`: f32 on the CPU.
@@ -405,6 +452,12 @@ fn bias_or_zeros(bias: Option<&Tensor>, c: usize, like: &Tensor) -> candle_core:
     }
 }
 
+/// `(C, H, W)` of `x`, NCHW or NHWC.
+fn chw(x: &Tensor, nhwc: bool) -> candle_core::Result<(usize, usize, usize)> {
+    let (_, d1, d2, d3) = x.dims4()?;
+    Ok(if nhwc { (d3, d1, d2) } else { (d1, d2, d3) })
+}
+
 /// `conv2d` of `x` `[B, C_in, H, W]` with `w` `[C_out, C_in, k, k]` and an optional bias
 /// `[C_out]` (no groups, no dilation): candle's `x.conv2d(w, padding, stride, 1, 1)` plus the
 /// bias, with gradients for all three.
@@ -415,13 +468,39 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
+    conv2d_in(x, w, bias, padding, stride, false)
+}
+
+/// [`conv2d`] on channels-last tensors: `x` `[B, H, W, C_in]` gives `[B, H_out, W_out,
+/// C_out]`; the kernel is `[C_out, C_in, k, k]` as in [`conv2d`]. The convolutions compute
+/// channels-last, so this form skips the two transposes [`conv2d`] makes forward and the
+/// three it makes backward.
+pub fn conv2d_nhwc(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    conv2d_in(x, w, bias, padding, stride, true)
+}
+
+fn conv2d_in(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    nhwc: bool,
+) -> candle_core::Result<Tensor> {
     check_supported(x, w)?;
-    let (_, c, h, wd) = x.dims4()?;
+    let (c, h, wd) = chw(x, nhwc)?;
     let (c_out, c_in, k, k2) = w.dims4()?;
     if c_in != c || k != k2 {
         candle_core::bail!(
-            "conv2d: input {:?} and kernel {:?} do not fit",
+            "conv2d: input {:?} ({}) and kernel {:?} do not fit",
             x.dims(),
+            if nhwc { "NHWC" } else { "NCHW" },
             w.dims()
         );
     }
@@ -438,7 +517,7 @@ pub fn conv2d(
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &bias.contiguous()?,
-        Op(Conv2d { g, c_out }),
+        Op(Conv2d { g, c_out, nhwc }),
     )
 }
 
@@ -452,13 +531,37 @@ pub fn conv_transpose2d(
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
+    conv_transpose2d_in(x, w, bias, padding, stride, false)
+}
+
+/// [`conv_transpose2d`] on channels-last tensors: `x` `[B, H, W, C_in]` gives `[B, H_out,
+/// W_out, C_out]`; the kernel is `[C_in, C_out, k, k]` as in [`conv_transpose2d`].
+pub fn conv_transpose2d_nhwc(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    conv_transpose2d_in(x, w, bias, padding, stride, true)
+}
+
+fn conv_transpose2d_in(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    nhwc: bool,
+) -> candle_core::Result<Tensor> {
     check_supported(x, w)?;
-    let (_, c_in, h, wd) = x.dims4()?;
+    let (c_in, h, wd) = chw(x, nhwc)?;
     let (w_in, c_out, k, k2) = w.dims4()?;
     if w_in != c_in || k != k2 {
         candle_core::bail!(
-            "conv_transpose2d: input {:?} and kernel {:?} do not fit",
+            "conv_transpose2d: input {:?} ({}) and kernel {:?} do not fit",
             x.dims(),
+            if nhwc { "NHWC" } else { "NCHW" },
             w.dims()
         );
     }
@@ -487,6 +590,6 @@ pub fn conv_transpose2d(
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &bias.contiguous()?,
-        Op(ConvTranspose2d { g, c_in }),
+        Op(ConvTranspose2d { g, c_in, nhwc }),
     )
 }

@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::layout::row_sums;
 use crate::{contiguous_f32, tensor, with_data};
 
 /// The statistics of one batch that a training-mode BatchNorm normalised with.
@@ -34,6 +35,82 @@ struct Saved {
 struct ReluBatchNorm {
     eps: f64,
     saved: Arc<OnceLock<Saved>>,
+    /// Channels last (`[..., C]`), else dimension 1 (`[N, C, ...]`).
+    nhwc: bool,
+}
+
+/// The channel count and, for `[N, C, ...]`, the positions per (sample, channel) plane; for
+/// channels last the planes are single values.
+fn channel_dims(dims: &[usize], nhwc: bool) -> (usize, usize) {
+    if nhwc {
+        (dims[dims.len() - 1], 1)
+    } else {
+        (dims[1], dims[2..].iter().product())
+    }
+}
+
+/// Rows of channels-last values per task of the elementwise passes.
+const ROWS_PER_TASK: usize = 256;
+
+/// `out[r, c] = f(c, x[r, c])` over channels-last `[rows, channels]` data, in parallel.
+fn map_rows(out: &mut [f32], x: &[f32], channels: usize, f: impl Fn(usize, f32) -> f32 + Sync) {
+    out.par_chunks_mut(ROWS_PER_TASK * channels)
+        .zip(x.par_chunks(ROWS_PER_TASK * channels))
+        .for_each(|(o, xs)| {
+            for (or, xr) in o.chunks_exact_mut(channels).zip(xs.chunks_exact(channels)) {
+                for (c, (d, &v)) in or.iter_mut().zip(xr).enumerate() {
+                    *d = f(c, v);
+                }
+            }
+        });
+}
+
+/// `out[r, c] = f(c, x[r, c], dy[r, c])` over channels-last data, in parallel.
+fn map_rows2(
+    out: &mut [f32],
+    x: &[f32],
+    dy: &[f32],
+    channels: usize,
+    f: impl Fn(usize, f32, f32) -> f32 + Sync,
+) {
+    let n = ROWS_PER_TASK * channels;
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
+        .for_each(|(o, (xs, gs))| {
+            let rows = o
+                .chunks_exact_mut(channels)
+                .zip(xs.chunks_exact(channels).zip(gs.chunks_exact(channels)));
+            for (or, (xr, gr)) in rows {
+                for (c, ((d, &v), &g)) in or.iter_mut().zip(xr).zip(gr).enumerate() {
+                    *d = f(c, v, g);
+                }
+            }
+        });
+}
+
+/// Per-channel mean and biased variance of `relu(x)` for channels-last `x`, in f64: the sum,
+/// then the spread around the mean, each in blocks of rows added in a fixed order.
+fn stats_nhwc(x: &[f32], channels: usize) -> (Vec<f64>, Vec<f64>) {
+    let rows = x.len() / channels;
+    let count = rows as f64;
+    let mean: Vec<f64> = row_sums(rows, channels, |r, acc| {
+        for (a, &v) in acc.iter_mut().zip(&x[r * channels..][..channels]) {
+            *a += f64::from(v.max(0.0));
+        }
+    })
+    .into_iter()
+    .map(|s| s / count)
+    .collect();
+    let var = row_sums(rows, channels, |r, acc| {
+        let row = &x[r * channels..][..channels];
+        for ((a, &v), &m) in acc.iter_mut().zip(row).zip(&mean) {
+            *a += (f64::from(v.max(0.0)) - m).powi(2);
+        }
+    })
+    .into_iter()
+    .map(|s| s / count)
+    .collect();
+    (mean, var)
 }
 
 /// The values of channel `c` of an `[n, c, hw]` array, sample by sample.
@@ -57,51 +134,66 @@ impl CustomOp3 for ReluBatchNorm {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims();
-        let (channels, hw) = (dims[1], dims[2..].iter().product::<usize>());
+        let (channels, hw) = channel_dims(dims, self.nhwc);
         let (x, w, b) = (
             contiguous_f32(s1, l1)?,
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
         let count = (x.len() / channels.max(1)) as f64;
-        // Two passes per channel in f64: the mean, then the spread around it.
-        let stats: Vec<(f32, f32, f32)> = (0..channels)
-            .into_par_iter()
-            .map(|c| {
-                let sum: f64 = channel(x, c, channels, hw)
-                    .flat_map(|s| s.iter())
-                    .map(|&v| f64::from(v.max(0.0)))
-                    .sum();
-                let mean = sum / count;
-                let sq: f64 = channel(x, c, channels, hw)
-                    .flat_map(|s| s.iter())
-                    .map(|&v| (f64::from(v.max(0.0)) - mean).powi(2))
-                    .sum();
-                let var = sq / count;
-                (
-                    mean as f32,
-                    (1.0 / (var + self.eps).sqrt()) as f32,
-                    var as f32,
-                )
-            })
-            .collect();
+        let stats: Vec<(f32, f32, f32)> = if self.nhwc {
+            let (mean, var) = stats_nhwc(x, channels);
+            mean.iter()
+                .zip(&var)
+                .map(|(&m, &v)| (m as f32, (1.0 / (v + self.eps).sqrt()) as f32, v as f32))
+                .collect()
+        } else {
+            // Two passes per channel in f64: the mean, then the spread around it.
+            (0..channels)
+                .into_par_iter()
+                .map(|c| {
+                    let sum: f64 = channel(x, c, channels, hw)
+                        .flat_map(|s| s.iter())
+                        .map(|&v| f64::from(v.max(0.0)))
+                        .sum();
+                    let mean = sum / count;
+                    let sq: f64 = channel(x, c, channels, hw)
+                        .flat_map(|s| s.iter())
+                        .map(|&v| (f64::from(v.max(0.0)) - mean).powi(2))
+                        .sum();
+                    let var = sq / count;
+                    (
+                        mean as f32,
+                        (1.0 / (var + self.eps).sqrt()) as f32,
+                        var as f32,
+                    )
+                })
+                .collect()
+        };
         let saved = Saved {
             mean: stats.iter().map(|s| s.0).collect(),
             inv_std: stats.iter().map(|s| s.1).collect(),
             var: stats.iter().map(|s| s.2).collect(),
         };
+        let scale: Vec<f32> = (0..channels).map(|c| saved.inv_std[c] * w[c]).collect();
+        let shift: Vec<f32> = (0..channels)
+            .map(|c| b[c] - saved.mean[c] * scale[c])
+            .collect();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(channels * hw)
-            .zip(x.par_chunks(channels * hw))
-            .for_each(|(ys, xs)| {
-                for c in 0..channels {
-                    let scale = saved.inv_std[c] * w[c];
-                    let shift = b[c] - saved.mean[c] * scale;
-                    for (o, &v) in ys[c * hw..][..hw].iter_mut().zip(&xs[c * hw..][..hw]) {
-                        *o = v.max(0.0) * scale + shift;
+        if self.nhwc {
+            map_rows(&mut y, x, channels, |c, v| v.max(0.0) * scale[c] + shift[c]);
+        } else {
+            y.par_chunks_mut(channels * hw)
+                .zip(x.par_chunks(channels * hw))
+                .for_each(|(ys, xs)| {
+                    for c in 0..channels {
+                        let (k, sh) = (scale[c], shift[c]);
+                        for (o, &v) in ys[c * hw..][..hw].iter_mut().zip(&xs[c * hw..][..hw]) {
+                            *o = v.max(0.0) * k + sh;
+                        }
                     }
-                }
-            });
+                });
+        }
         if self.saved.set(saved).is_err() {
             candle_core::bail!("relu-batch-norm: an op value runs forward once");
         }
@@ -120,7 +212,7 @@ impl CustomOp3 for ReluBatchNorm {
             candle_core::bail!("relu-batch-norm: backward before forward");
         };
         let dims = x.dims().to_vec();
-        let (channels, hw) = (dims[1], dims[2..].iter().product::<usize>());
+        let (channels, hw) = channel_dims(&dims, self.nhwc);
         if grad_res.dims() != dims {
             candle_core::bail!(
                 "relu-batch-norm: gradient of shape {:?} for {dims:?}",
@@ -129,7 +221,13 @@ impl CustomOp3 for ReluBatchNorm {
         }
         let (dx, dw, db) = with_data(x, |x| {
             with_data(w, |w| {
-                with_data(grad_res, |dy| backward(x, w, dy, saved, channels, hw))
+                with_data(grad_res, |dy| {
+                    if self.nhwc {
+                        backward_nhwc(x, w, dy, saved, channels)
+                    } else {
+                        backward(x, w, dy, saved, channels, hw)
+                    }
+                })
             })
         })???;
         Ok((
@@ -193,6 +291,41 @@ fn backward(x: &[f32], w: &[f32], dy: &[f32], saved: &Saved, channels: usize, hw
     (dx, dw, db)
 }
 
+fn backward_nhwc(x: &[f32], w: &[f32], dy: &[f32], saved: &Saved, channels: usize) -> Grads {
+    let rows = x.len() / channels;
+    let count = rows as f64;
+    let mean: Vec<f64> = saved.mean.iter().map(|&v| f64::from(v)).collect();
+    let inv_std: Vec<f64> = saved.inv_std.iter().map(|&v| f64::from(v)).collect();
+    // [sum(dy) per channel, sum(dy * xhat) per channel], in f64.
+    let sums = row_sums(rows, 2 * channels, |r, acc| {
+        let (s_dy, s_dy_xhat) = acc.split_at_mut(channels);
+        let (xr, gr) = (
+            &x[r * channels..][..channels],
+            &dy[r * channels..][..channels],
+        );
+        for c in 0..channels {
+            let g = f64::from(gr[c]);
+            s_dy[c] += g;
+            s_dy_xhat[c] += g * (f64::from(xr[c].max(0.0)) - mean[c]) * inv_std[c];
+        }
+    });
+    let db: Vec<f32> = sums[..channels].iter().map(|&v| v as f32).collect();
+    let dw: Vec<f32> = sums[channels..].iter().map(|&v| v as f32).collect();
+    let k: Vec<f32> = (0..channels).map(|c| w[c] * saved.inv_std[c]).collect();
+    let mean_dy: Vec<f32> = db.iter().map(|&v| (f64::from(v) / count) as f32).collect();
+    let mean_dy_xhat: Vec<f32> = dw.iter().map(|&v| (f64::from(v) / count) as f32).collect();
+    let mut dx = vec![0f32; x.len()];
+    map_rows2(&mut dx, x, dy, channels, |c, v, g| {
+        if v > 0.0 {
+            let xhat = (v - saved.mean[c]) * saved.inv_std[c];
+            k[c] * (g - mean_dy[c] - xhat * mean_dy_xhat[c])
+        } else {
+            0.0
+        }
+    });
+    (dx, dw, db)
+}
+
 /// Whether [`relu_batch_norm`] runs on `x`: f32 on the CPU.
 pub fn relu_batch_norm_supports(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
@@ -208,13 +341,38 @@ pub fn relu_batch_norm(
     bias: &Tensor,
     eps: f64,
 ) -> candle_core::Result<(Tensor, BatchStats)> {
-    let what = "relu_batch_norm";
-    let (channels, _) = per_channel_dims(what, x, ("weight and bias [C]", weight, bias))?;
+    relu_batch_norm_in(x, weight, bias, eps, false)
+}
+
+/// [`relu_batch_norm`] with the channels last: `x` is `[..., C]` (NHWC images).
+pub fn relu_batch_norm_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<(Tensor, BatchStats)> {
+    relu_batch_norm_in(x, weight, bias, eps, true)
+}
+
+fn relu_batch_norm_in(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    nhwc: bool,
+) -> candle_core::Result<(Tensor, BatchStats)> {
+    let what = if nhwc {
+        "relu_batch_norm_nhwc"
+    } else {
+        "relu_batch_norm"
+    };
+    let channels = per_channel_dims(what, x, ("weight and bias [C]", weight, bias), nhwc)?;
     check_eps(what, eps)?;
     let saved = Arc::new(OnceLock::new());
     let op = ReluBatchNorm {
         eps,
         saved: saved.clone(),
+        nhwc,
     };
     let y = x
         .contiguous()?
@@ -233,15 +391,19 @@ pub fn relu_batch_norm(
 }
 
 /// `relu(x) * scale[c] + shift[c]`: an inference-mode BatchNorm folded into one pass.
-struct ReluChannelAffine;
+struct ReluChannelAffine {
+    /// Channels last (`[..., C]`), else dimension 1.
+    nhwc: bool,
+}
 
-/// Checks that `x` is f32 on the CPU, `[N, C, ...]` and not empty, and that the two vectors,
-/// described for errors as `names`, are `[C]`; returns `(C, positions)`.
+/// Checks that `x` is f32 on the CPU, `[N, C, ...]` (or `[..., C]` with `nhwc`) and not
+/// empty, and that the two vectors, described for errors as `names`, are `[C]`; returns `C`.
 fn per_channel_dims(
     what: &str,
     x: &Tensor,
     (names, a, b): (&str, &Tensor, &Tensor),
-) -> candle_core::Result<(usize, usize)> {
+    nhwc: bool,
+) -> candle_core::Result<usize> {
     if !relu_batch_norm_supports(x) {
         candle_core::bail!(
             "ddpm-kernels runs f32 on the CPU (got {:?} on {:?})",
@@ -250,9 +412,11 @@ fn per_channel_dims(
         );
     }
     let dims = x.dims();
-    if dims.len() < 2 || a.dims() != [dims[1]] || b.dims() != [dims[1]] {
+    let c = if nhwc { dims.last() } else { dims.get(1) };
+    let shape = if nhwc { "[..., C]" } else { "[N, C, ...]" };
+    if dims.len() < 2 || c.is_none_or(|&c| a.dims() != [c] || b.dims() != [c]) {
         candle_core::bail!(
-            "{what} takes x [N, C, ...] with {names}, got {:?}, {:?}, {:?}",
+            "{what} takes x {shape} with {names}, got {:?}, {:?}, {:?}",
             dims,
             a.dims(),
             b.dims()
@@ -261,7 +425,7 @@ fn per_channel_dims(
     if x.elem_count() == 0 {
         candle_core::bail!("{what}: x {dims:?} holds no values");
     }
-    Ok((dims[1], dims[2..].iter().product()))
+    Ok(c.copied().unwrap_or(0))
 }
 
 /// Checks a BatchNorm's `eps`.
@@ -287,13 +451,17 @@ impl CustomOp3 for ReluChannelAffine {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims();
-        let (channels, hw) = (dims[1], dims[2..].iter().product::<usize>());
+        let (channels, hw) = channel_dims(dims, self.nhwc);
         let (x, scale, shift) = (
             contiguous_f32(s1, l1)?,
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
         let mut y = vec![0f32; x.len()];
+        if self.nhwc {
+            map_rows(&mut y, x, channels, |c, v| v.max(0.0) * scale[c] + shift[c]);
+            return Ok((CpuStorage::F32(y), l1.shape().clone()));
+        }
         // Each task owns whole (sample, channel) planes: disjoint writes, no sums.
         y.par_chunks_mut(hw)
             .zip(x.par_chunks(hw))
@@ -316,7 +484,7 @@ impl CustomOp3 for ReluChannelAffine {
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = x.dims().to_vec();
-        let (channels, hw) = (dims[1], dims[2..].iter().product::<usize>());
+        let (channels, hw) = channel_dims(&dims, self.nhwc);
         if grad_res.dims() != dims {
             candle_core::bail!(
                 "relu-channel-affine: gradient of shape {:?} for {dims:?}",
@@ -326,6 +494,9 @@ impl CustomOp3 for ReluChannelAffine {
         let (dx, dscale, dshift) = with_data(x, |x| {
             with_data(scale, |k| {
                 with_data(grad_res, |dy| {
+                    if self.nhwc {
+                        return affine_backward_nhwc(x, k, dy, channels);
+                    }
                     // dscale = sum(dy relu(x)), dshift = sum(dy), per channel in f64.
                     let sums: Vec<(f32, f32)> = (0..channels)
                         .into_par_iter()
@@ -368,6 +539,32 @@ impl CustomOp3 for ReluChannelAffine {
     }
 }
 
+fn affine_backward_nhwc(x: &[f32], k: &[f32], dy: &[f32], channels: usize) -> Grads {
+    // [sum(dy relu(x)) per channel, sum(dy) per channel], in f64.
+    let sums = row_sums(x.len() / channels, 2 * channels, |r, acc| {
+        let (s_k, s_b) = acc.split_at_mut(channels);
+        let (xr, gr) = (
+            &x[r * channels..][..channels],
+            &dy[r * channels..][..channels],
+        );
+        for c in 0..channels {
+            let g = f64::from(gr[c]);
+            s_k[c] += g * f64::from(xr[c].max(0.0));
+            s_b[c] += g;
+        }
+    });
+    let mut dx = vec![0f32; x.len()];
+    map_rows2(&mut dx, x, dy, channels, |c, v, g| {
+        if v > 0.0 { g * k[c] } else { 0.0 }
+    });
+    let (s_k, s_b) = sums.split_at(channels);
+    (
+        dx,
+        s_k.iter().map(|&v| v as f32).collect(),
+        s_b.iter().map(|&v| v as f32).collect(),
+    )
+}
+
 /// `relu(x) * scale + shift` per channel (dimension 1), in one pass: an inference-mode
 /// BatchNorm after a ReLU, with `scale = weight / sqrt(running_var + eps)` and
 /// `shift = bias - running_mean * scale` (see [`relu_batch_norm_eval`]). Gradients flow to all
@@ -377,11 +574,34 @@ pub fn relu_channel_affine(
     scale: &Tensor,
     shift: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    per_channel_dims("relu_channel_affine", x, ("two [C] vectors", scale, shift))?;
+    relu_channel_affine_in(x, scale, shift, false)
+}
+
+/// [`relu_channel_affine`] with the channels last: `x` is `[..., C]` (NHWC images).
+pub fn relu_channel_affine_nhwc(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+) -> candle_core::Result<Tensor> {
+    relu_channel_affine_in(x, scale, shift, true)
+}
+
+fn relu_channel_affine_in(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    nhwc: bool,
+) -> candle_core::Result<Tensor> {
+    let what = if nhwc {
+        "relu_channel_affine_nhwc"
+    } else {
+        "relu_channel_affine"
+    };
+    per_channel_dims(what, x, ("two [C] vectors", scale, shift), nhwc)?;
     x.contiguous()?.apply_op3(
         &scale.contiguous()?,
         &shift.contiguous()?,
-        ReluChannelAffine,
+        ReluChannelAffine { nhwc },
     )
 }
 
@@ -397,11 +617,128 @@ pub fn relu_batch_norm_eval(
     running_var: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
-    let what = "relu_batch_norm_eval";
-    per_channel_dims(what, x, ("two [C] vectors", weight, bias))?;
-    per_channel_dims(what, x, ("two [C] vectors", running_mean, running_var))?;
+    relu_batch_norm_eval_in(x, [weight, bias, running_mean, running_var], eps, false)
+}
+
+/// [`relu_batch_norm_eval`] with the channels last: `x` is `[..., C]` (NHWC images).
+pub fn relu_batch_norm_eval_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    relu_batch_norm_eval_in(x, [weight, bias, running_mean, running_var], eps, true)
+}
+
+fn relu_batch_norm_eval_in(
+    x: &Tensor,
+    [weight, bias, running_mean, running_var]: [&Tensor; 4],
+    eps: f64,
+    nhwc: bool,
+) -> candle_core::Result<Tensor> {
+    let what = if nhwc {
+        "relu_batch_norm_eval_nhwc"
+    } else {
+        "relu_batch_norm_eval"
+    };
+    per_channel_dims(what, x, ("two [C] vectors", weight, bias), nhwc)?;
+    per_channel_dims(
+        what,
+        x,
+        ("two [C] vectors", running_mean, running_var),
+        nhwc,
+    )?;
     check_eps(what, eps)?;
     let scale = weight.mul(&(running_var + eps)?.sqrt()?.recip()?)?;
     let shift = bias.sub(&running_mean.mul(&scale)?)?;
-    relu_channel_affine(x, &scale, &shift)
+    relu_channel_affine_in(x, &scale, &shift, nhwc)
+}
+
+/// `x + v[b]` at every position of image `b`, channels last.
+struct AddPerImage;
+
+impl candle_core::CustomOp2 for AddPerImage {
+    fn name(&self) -> &'static str {
+        "add-per-image"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, v) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let (b, c) = l2.shape().dims2()?;
+        let image = x.len() / b.max(1);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(ROWS_PER_TASK * c)
+            .zip(x.par_chunks(ROWS_PER_TASK * c))
+            .enumerate()
+            .for_each(|(task, (ys, xs))| {
+                let start = task * ROWS_PER_TASK * c;
+                for (i, (yr, xr)) in ys.chunks_exact_mut(c).zip(xs.chunks_exact(c)).enumerate() {
+                    let vb = &v[(start + i * c) / image * c..][..c];
+                    for ((o, &a), &add) in yr.iter_mut().zip(xr).zip(vb) {
+                        *o = a + add;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, c) = v.dims2()?;
+        // dv[b] = the sum of dy over image b's positions, in f64, one task per image.
+        let dv = with_data(grad_res, |dy| {
+            let image = dy.len() / b.max(1);
+            dy.par_chunks(image.max(1))
+                .flat_map_iter(|img| {
+                    let mut acc = vec![0f64; c];
+                    for row in img.chunks_exact(c) {
+                        for (a, &g) in acc.iter_mut().zip(row) {
+                            *a += f64::from(g);
+                        }
+                    }
+                    acc.into_iter().map(|s| s as f32)
+                })
+                .collect::<Vec<f32>>()
+        })?;
+        Ok((Some(grad_res.clone()), Some(tensor(dv, &[b, c], v)?)))
+    }
+}
+
+/// `x + v[b]` at every position of image `b`: `x` is channels-last `[B, ..., C]` (NHWC
+/// images), `v` is `[B, C]` (a per-image vector, such as a projected time embedding), both f32
+/// on the CPU. One pass, where candle's `broadcast_add` of `v` as `[B, 1, 1, C]` takes its
+/// strided path; gradients flow to both.
+pub fn add_per_image_nhwc(x: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    if !relu_batch_norm_supports(x) || !relu_batch_norm_supports(v) {
+        candle_core::bail!(
+            "ddpm-kernels runs f32 on the CPU (got {:?} on {:?} and {:?} on {:?})",
+            x.dtype(),
+            x.device().location(),
+            v.dtype(),
+            v.device().location()
+        );
+    }
+    let dims = x.dims();
+    let fits = dims.len() >= 2 && v.dims() == [dims[0], dims[dims.len() - 1]];
+    if !fits || x.elem_count() == 0 {
+        candle_core::bail!(
+            "add_per_image_nhwc takes x [B, ..., C] with values and v [B, C], got {:?} and {:?}",
+            dims,
+            v.dims()
+        );
+    }
+    x.contiguous()?.apply_op2(&v.contiguous()?, AddPerImage)
 }

@@ -18,7 +18,6 @@
 
 use rayon::prelude::*;
 
-use crate::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::matmul::{Mat, Scratch, matmul_serial};
 
 /// Whether the Winograd path is the faster one for `s`, as measured per layer on a 2-core x86
@@ -163,13 +162,14 @@ fn combine(dst: &mut [f32], a: &[f32], b: &[f32], sign: f32) {
     }
 }
 
-/// `Y = Aᵀ M A` for tile `t` from `mt` `[16, C_out]` into `out`, the NHWC `[.., W, C_out]`
-/// rows from output row `row0` on; `z` is scratch of `8 C_out`.
+/// `Y = Aᵀ M A` plus `bias` `[C_out]` for tile `t` from `mt` `[16, C_out]` into `out`, the
+/// NHWC `[.., W, C_out]` rows from output row `row0` on; `z` is scratch of `8 C_out`.
 fn output_transform(
     mt: &[f32],
     s: &Shape3x3,
     t: usize,
     row0: usize,
+    bias: &[f32],
     z: &mut [f32],
     out: &mut [f32],
 ) {
@@ -195,19 +195,19 @@ fn output_transform(
         let row = &mut out[((bi * s.h + 2 * ti + r) * s.w - row0 * s.w) * c..][..s.w * c];
         let left = &mut row[2 * tj * c..][..c];
         for o in 0..c {
-            left[o] = z0[o] + z1[o] + z2[o];
+            left[o] = z0[o] + z1[o] + z2[o] + bias[o];
         }
         if 2 * tj + 1 < s.w {
             let right = &mut row[(2 * tj + 1) * c..][..c];
             for o in 0..c {
-                right[o] = z1[o] - z2[o] - z3[o];
+                right[o] = z1[o] - z2[o] - z3[o] + bias[o];
             }
         }
     }
 }
 
-/// The 3x3, stride-1, padding-1 convolution of NCHW `x` `[B, C, H, W]` with `w`
-/// `[C_out, C, 3, 3]`, plus `bias` where given, as NCHW `[B, C_out, H, W]`.
+/// The 3x3, stride-1, padding-1 convolution of NHWC `x` `[B, H, W, C]` with `w`
+/// `[C_out, C, 3, 3]`, plus `bias` where given, as NHWC `[B, H, W, C_out]`.
 ///
 /// The tiles go in blocks of whole rows of tiles (whole images where an image has fewer than
 /// a block takes); each block is transformed, multiplied (16 single-threaded products) and
@@ -216,12 +216,12 @@ fn output_transform(
 pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -> Vec<f32> {
     let (c, c_out) = (s.c, s.c_out);
     let u = kernel_transform(w, c, c_out);
-    let mut xh = Scratch::new(x.len());
-    nchw_to_nhwc(x, s.b, c, s.h * s.w, &mut xh);
-    let mut yh = Scratch::new(s.b * s.h * s.w * c_out);
+    let zeros = vec![0f32; c.max(c_out)];
+    let bias = bias.unwrap_or(&zeros[..c_out]);
+    let mut y = vec![0f32; s.b * s.h * s.w * c_out];
     // (first tile, tiles, first output row over the batch, the block's output rows): each
     // block's tiles cover whole output rows, contiguous in NHWC.
-    let mut rest: &mut [f32] = &mut yh;
+    let mut rest: &mut [f32] = &mut y;
     let mut blocks: Vec<(usize, usize, usize, &mut [f32])> = Vec::new();
     for (t0, n) in tile_blocks(&s) {
         let (bi, ti, _) = s.tile(t0);
@@ -233,7 +233,6 @@ pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -
         blocks.push((t0, n, row0, mine));
     }
     let most = blocks.iter().map(|b| b.1).max().unwrap_or(0);
-    let zeros = vec![0f32; c];
     blocks.into_par_iter().for_each_init(
         || {
             (
@@ -244,7 +243,7 @@ pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -
         },
         |(v, m, tmp), (t0, n, row0, out)| {
             for (i, vt) in v.chunks_exact_mut(16 * c).take(n).enumerate() {
-                input_transform(&xh, &s, t0 + i, &zeros, &mut tmp[..16 * c], vt);
+                input_transform(x, &s, t0 + i, &zeros[..c], &mut tmp[..16 * c], vt);
             }
             for xi in 0..16 {
                 let lhs = Mat {
@@ -258,13 +257,10 @@ pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -
                 matmul_serial(&mut m[xi * c_out..], 16 * c_out, lhs, rhs);
             }
             for (i, mt) in m.chunks_exact(16 * c_out).take(n).enumerate() {
-                output_transform(mt, &s, t0 + i, row0, &mut tmp[..8 * c_out], out);
+                output_transform(mt, &s, t0 + i, row0, bias, &mut tmp[..8 * c_out], out);
             }
         },
     );
-    drop(xh);
-    let mut y = vec![0f32; s.b * c_out * s.h * s.w];
-    nhwc_to_nchw(&yh, s.b, c_out, s.h * s.w, bias, &mut y);
     y
 }
 
@@ -348,16 +344,12 @@ fn gt_row(i: usize, v: [f32; 4]) -> f32 {
 }
 
 /// The kernel gradient `[C_out, C, 3, 3]` of [`conv3x3`] from its input `x` and output
-/// gradient `dy` (NCHW). The forward pass is `Y = Aᵀ (U ⊙ V) A` per tile with `U = G g Gᵀ`,
+/// gradient `dy` (both NHWC). The forward pass is `Y = Aᵀ (U ⊙ V) A` per tile with `U = G g Gᵀ`,
 /// so `dU = Σ_tiles V ⊙ (A dY Aᵀ)` and `dg = Gᵀ dU G`. Each block's sum over its tiles is 16
 /// products `Vᵀ [C, tiles] x [tiles, C_out]`; the blocks' sums are then added in block order,
 /// so the result does not depend on the thread count.
 pub(crate) fn kernel_grad3x3(x: &[f32], dy: &[f32], s: Shape3x3) -> Vec<f32> {
     let (c, c_out) = (s.c, s.c_out);
-    let mut xh = Scratch::new(x.len());
-    nchw_to_nhwc(x, s.b, c, s.h * s.w, &mut xh);
-    let mut dyh = Scratch::new(dy.len());
-    nchw_to_nhwc(dy, s.b, c_out, s.h * s.w, &mut dyh);
     let blocks = tile_blocks(&s);
     let most = blocks.iter().map(|b| b.1).max().unwrap_or(0);
     let zeros = vec![0f32; c.max(c_out)];
@@ -376,10 +368,10 @@ pub(crate) fn kernel_grad3x3(x: &[f32], dy: &[f32], s: Shape3x3) -> Vec<f32> {
             },
             |(v, g, tmp), (du, &(t0, n))| {
                 for (i, vt) in v.chunks_exact_mut(16 * c).take(n).enumerate() {
-                    input_transform(&xh, &s, t0 + i, &zeros[..c], &mut tmp[..16 * c], vt);
+                    input_transform(x, &s, t0 + i, &zeros[..c], &mut tmp[..16 * c], vt);
                 }
                 for (i, gt) in g.chunks_exact_mut(16 * c_out).take(n).enumerate() {
-                    grad_transform(&dyh, &s, t0 + i, &zeros[..c_out], &mut tmp[..8 * c_out], gt);
+                    grad_transform(dy, &s, t0 + i, &zeros[..c_out], &mut tmp[..8 * c_out], gt);
                 }
                 for xi in 0..16 {
                     let lhs = Mat {
@@ -400,7 +392,6 @@ pub(crate) fn kernel_grad3x3(x: &[f32], dy: &[f32], s: Shape3x3) -> Vec<f32> {
                 }
             },
         );
-    drop((xh, dyh));
     // dU: the blocks' sums added in order, in parallel over elements.
     let mut du = vec![0f32; size];
     du.par_chunks_mut(c_out).enumerate().for_each(|(row, out)| {

@@ -55,6 +55,45 @@ const CASES: [Case; 14] = [
     (2, 2, 3, 128, 128, 3, 1, 1),
 ];
 
+/// A convolution of `x` (NCHW, or NHWC for the `_nhwc` forms) with a kernel and a bias.
+type ConvFn = fn(&Tensor, &Tensor, Option<&Tensor>, usize, usize) -> candle_core::Result<Tensor>;
+
+/// The channels-last form `conv_nhwc` of a convolution against its NCHW form, whose output
+/// `ours` and gradients `grads` (of `sum(ours * r)`) are already checked against candle: the
+/// same output and the same gradients, dx transposed back.
+#[allow(clippy::too_many_arguments)]
+fn check_nhwc(
+    what: &str,
+    conv_nhwc: ConvFn,
+    (x, wt, bias): (&Var, &Var, &Var),
+    (p, s): (usize, usize),
+    ours: &Tensor,
+    r: &Tensor,
+    grads: &GradStore,
+) {
+    let xh = Var::from_tensor(&x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()).unwrap();
+    let yh = conv_nhwc(xh.as_tensor(), wt.as_tensor(), Some(bias.as_tensor()), p, s).unwrap();
+    let y = yh.permute((0, 3, 1, 2)).unwrap();
+    close(&format!("{what} NHWC forward"), &y, ours);
+    let gh = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = gh
+        .get(xh.as_tensor())
+        .unwrap()
+        .permute((0, 3, 1, 2))
+        .unwrap();
+    close(
+        &format!("{what} NHWC dx"),
+        &dx,
+        grads.get(x.as_tensor()).unwrap(),
+    );
+    close_grads(
+        &format!("{what} NHWC"),
+        &gh,
+        grads,
+        &[("dw", wt), ("db", bias)],
+    );
+}
+
 fn randn(rng: &mut NoiseSource, shape: &[usize]) -> Tensor {
     rng.randn(shape.to_vec(), &Device::Cpu).unwrap()
 }
@@ -80,6 +119,16 @@ fn conv2d_matches_candle_forward_and_backward() {
         let r = randn(&mut rng, ours.dims());
         let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let dx = g1.get(x.as_tensor()).unwrap();
+        let operands = (&x, &wt, &bias);
+        check_nhwc(
+            &what,
+            ddpm_kernels::conv2d_nhwc,
+            operands,
+            (p, s),
+            &ours,
+            &r,
+            &g1,
+        );
         match (&theirs * &r).unwrap().sum_all().unwrap().backward() {
             Ok(g2) => close_grads(&what, &g1, &g2, &[("dx", &x), ("dw", &wt), ("db", &bias)]),
             // candle's own backward fails when (size + 2 padding - kernel) is not a multiple
@@ -132,6 +181,9 @@ fn conv_transpose2d_matches_candle_forward_and_backward() {
         close(&format!("{what} forward"), &ours, &theirs);
         let r = randn(&mut rng, ours.dims());
         let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let operands = (&x, &wt, &bias);
+        let nhwc = ddpm_kernels::conv_transpose2d_nhwc;
+        check_nhwc(&what, nhwc, operands, (p, s), &ours, &r, &g1);
         let g2 = (&theirs * &r)
             .unwrap()
             .sum_all()
@@ -151,6 +203,14 @@ fn mismatched_shapes_are_errors() {
             .unwrap_err()
             .to_string()
             .contains("do not fit")
+    );
+    // Channels last, the channels are the last dimension: 8 here.
+    let err = ddpm_kernels::conv2d_nhwc(&x, &w, None, 1, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("(NHWC)") && err.contains("do not fit"),
+        "{err}"
     );
     let w = Tensor::zeros((4, 3, 9, 9), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(
@@ -184,8 +244,9 @@ fn mismatched_shapes_are_errors() {
     );
 }
 
-/// Forward and backward of both convolutions and the fused BatchNorms at shapes that take every path (both orientations of the
-/// kernel gradient, strides 1 and 2) are bitwise the same with 1, 2 and 5 threads.
+/// Forward and backward of both convolutions (NCHW and NHWC), the fused BatchNorms and the
+/// per-image add at shapes that take every path (both orientations of the kernel gradient,
+/// strides 1 and 2, Winograd) are bitwise the same with 1, 2 and 5 threads.
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
     ddpm_testutil::assert_same_across_thread_counts(
@@ -215,12 +276,26 @@ fn results_do_not_depend_on_the_thread_count() {
                 let loss = (loss + (&n * &y).unwrap().sum_all().unwrap()).unwrap();
                 let e = ddpm_kernels::relu_channel_affine(&y, &bias, &bias).unwrap();
                 let loss = (loss + (&e * &y).unwrap().sum_all().unwrap()).unwrap();
+                // The channels-last forms, with the per-image add.
+                let xh = x.permute((0, 2, 3, 1)).unwrap();
+                let yh = ddpm_kernels::conv2d_nhwc(&xh, &w, Some(&bias), p, s).unwrap();
+                let zh = ddpm_kernels::conv_transpose2d_nhwc(&xh, &wt, None, p, s).unwrap();
+                let v = bias.broadcast_as((b, co)).unwrap();
+                let (nh, _) = ddpm_kernels::relu_batch_norm_nhwc(&yh, &bias, &bias, 1e-5).unwrap();
+                let eh = ddpm_kernels::relu_channel_affine_nhwc(&nh, &bias, &bias).unwrap();
+                let ah = ddpm_kernels::add_per_image_nhwc(&eh, &v).unwrap();
+                let loss = (loss
+                    + (&ah * &yh).unwrap().sum_all().unwrap()
+                    + (&zh * &zh).unwrap().sum_all().unwrap())
+                .unwrap();
                 let grads = loss.backward().unwrap();
                 for t in [
                     &y,
                     &z,
                     &n,
                     &e,
+                    &ah,
+                    &zh,
                     x.as_tensor(),
                     w.as_tensor(),
                     wt.as_tensor(),

@@ -1,7 +1,7 @@
-//! `relu_batch_norm` against the same computation in candle ops, forward, statistics and all
-//! three gradients, on odd shapes, batch 1, and rank 2 and 4 inputs. Tolerance: 1e-4 relative
-//! to the largest value (means over up to a few thousand values in another order and
-//! precision).
+//! `relu_batch_norm` (and its eval form) against the same computation in candle ops, forward,
+//! statistics and all three gradients, on odd shapes, batch 1, and rank 2 and 4 inputs; the
+//! channels-last forms and `add_per_image_nhwc` the same way. Tolerance: 1e-4 relative to the
+//! largest value (means over up to a few thousand values in another order and precision).
 
 use candle_core::{D, Device, Tensor, Var};
 use ddpm_forward::NoiseSource;
@@ -29,6 +29,21 @@ fn reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> (Tensor, Tensor, T
     moved.swap(0, 1);
     let y = y.reshape(moved).unwrap().transpose(0, 1).unwrap();
     (y, mean.flatten_all().unwrap(), var.flatten_all().unwrap())
+}
+
+/// `x` with dimension 1 and the last swapped: channels last for `[N, C, ...]` (any order of
+/// the positions is a valid channels-last layout), and back.
+fn swap_last(x: &Tensor) -> Tensor {
+    x.transpose(1, x.rank() - 1).unwrap()
+}
+
+/// The gradients of `sum(y * probe)` for `vars`, with `x`'s (channels last, a `Var` of its
+/// own) swapped back.
+fn channels_last_grads(y: &Tensor, probe: &Tensor, x: &Var, vars: &[&Var]) -> Vec<Tensor> {
+    let g = (y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut out = vec![swap_last(g.get(x.as_tensor()).unwrap())];
+    out.extend(vars.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()));
+    out
 }
 
 fn randn(rng: &mut NoiseSource, dims: &[usize]) -> Tensor {
@@ -100,6 +115,27 @@ fn relu_batch_norm_matches_candle_ops() {
                 g_theirs.get(v.as_tensor()).unwrap(),
             );
         }
+
+        // Channels last: the same output, statistics and gradients.
+        let xh = Var::from_tensor(&swap_last(&x0).contiguous().unwrap()).unwrap();
+        let (yh, stats_h) =
+            ddpm_kernels::relu_batch_norm_nhwc(xh.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
+                .unwrap();
+        let y = swap_last(&yh);
+        close(&format!("{what} NHWC forward"), &y, &theirs);
+        assert_eq!(stats_h.count, stats.count);
+        for (name, a, e) in [("mean", &stats_h.mean, &mean), ("var", &stats_h.var, &var)] {
+            let a = Tensor::new(a.as_slice(), &Device::Cpu).unwrap();
+            close(&format!("{what} NHWC {name}"), &a, e);
+        }
+        let gh = channels_last_grads(&y, &probe, &xh, &[&w, &b]);
+        for (name, v, g) in [("dx", &x, &gh[0]), ("dw", &w, &gh[1]), ("db", &b, &gh[2])] {
+            close(
+                &format!("{what} NHWC {name}"),
+                g,
+                g_theirs.get(v.as_tensor()).unwrap(),
+            );
+        }
     }
 }
 
@@ -153,7 +189,65 @@ fn relu_batch_norm_eval_matches_candle_ops() {
                 g_theirs.get(v.as_tensor()).unwrap(),
             );
         }
+        // Channels last.
+        let xh = Var::from_tensor(&swap_last(xt).contiguous().unwrap()).unwrap();
+        let yh = ddpm_kernels::relu_batch_norm_eval_nhwc(xh.as_tensor(), wt, bt, &mean, &var, 1e-5)
+            .unwrap();
+        let y = swap_last(&yh);
+        close(&format!("{what} NHWC forward"), &y, &theirs);
+        let gh = channels_last_grads(&y, &probe, &xh, &[&w, &b]);
+        for (name, v, g) in [("dx", &x, &gh[0]), ("dw", &w, &gh[1]), ("db", &b, &gh[2])] {
+            close(
+                &format!("{what} NHWC {name}"),
+                g,
+                g_theirs.get(v.as_tensor()).unwrap(),
+            );
+        }
     }
+}
+
+#[test]
+fn add_per_image_nhwc_matches_broadcast_add() {
+    let mut rng = NoiseSource::new(13);
+    let cases: [&[usize]; 4] = [&[3, 5, 7, 4], &[1, 2, 2, 3], &[2, 300, 6], &[5, 1, 1, 2]];
+    for dims in cases {
+        let (b, c) = (dims[0], dims[dims.len() - 1]);
+        let x = Var::from_tensor(&randn(&mut rng, dims)).unwrap();
+        let v = Var::from_tensor(&randn(&mut rng, &[b, c])).unwrap();
+        let probe = randn(&mut rng, dims);
+        let what = format!("add_per_image_nhwc {dims:?}");
+        let ours = ddpm_kernels::add_per_image_nhwc(x.as_tensor(), v.as_tensor()).unwrap();
+        let mut vshape = vec![1; dims.len()];
+        (vshape[0], vshape[dims.len() - 1]) = (b, c);
+        let theirs = x
+            .as_tensor()
+            .broadcast_add(&v.as_tensor().reshape(vshape).unwrap())
+            .unwrap();
+        close(&format!("{what} forward"), &ours, &theirs);
+        let grads = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g_ours, g_theirs) = (grads(&ours), grads(&theirs));
+        for (name, t) in [("dx", &x), ("dv", &v)] {
+            close(
+                &format!("{what} {name}"),
+                g_ours.get(t.as_tensor()).unwrap(),
+                g_theirs.get(t.as_tensor()).unwrap(),
+            );
+        }
+    }
+    let f32 = candle_core::DType::F32;
+    let x = Tensor::zeros((2, 4, 4, 3), f32, &Device::Cpu).unwrap();
+    for v in [(2, 4), (3, 3)] {
+        let v = Tensor::zeros(v, f32, &Device::Cpu).unwrap();
+        let err = ddpm_kernels::add_per_image_nhwc(&x, &v)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("v [B, C]"), "{err}");
+    }
+    let v = Tensor::zeros((2, 3), candle_core::DType::F64, &Device::Cpu).unwrap();
+    let err = ddpm_kernels::add_per_image_nhwc(&x, &v)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("f32 on the CPU"), "{err}");
 }
 
 #[test]
@@ -208,4 +302,11 @@ fn relu_batch_norm_rejects_what_it_cannot_run() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("eps"), "{err}");
+    // Channels last: the channel count is the last dimension.
+    let err = ddpm_kernels::relu_batch_norm_nhwc(&x, &w, &w, 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[..., C]"), "{err}");
+    let xh = Tensor::zeros((2, 4, 4, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(ddpm_kernels::relu_batch_norm_nhwc(&xh, &w, &w, 1e-5).is_ok());
 }

@@ -27,33 +27,39 @@ impl Mode {
     }
 }
 
-/// `bn(relu(x))`. On the CPU in f32 this is one fused op: in training
-/// [`ddpm_kernels::relu_batch_norm`], which also updates the running statistics as candle-nn
-/// does (momentum, unbiased variance); in inference [`ddpm_kernels::relu_batch_norm_eval`].
-/// Everything else runs candle-nn's BatchNorm.
+/// `bn(relu(x))`, NCHW or (`nhwc`, CPU f32 only) NHWC. On the CPU in f32 this is one fused
+/// op: in training [`ddpm_kernels::relu_batch_norm`], which also updates the running
+/// statistics as candle-nn does (momentum, unbiased variance); in inference
+/// [`ddpm_kernels::relu_batch_norm_eval`]. Everything else runs candle-nn's BatchNorm.
 pub(crate) fn relu_batch_norm(
     bn: &candle_nn::BatchNorm,
     x: &Tensor,
     train: bool,
+    nhwc: bool,
 ) -> candle_core::Result<Tensor> {
     use candle_nn::ModuleT;
     let fused = ddpm_kernels::relu_batch_norm_supports(x);
     let Some((weight, bias)) = bn.weight_and_bias().filter(|_| fused) else {
+        if nhwc {
+            candle_core::bail!("channels-last BatchNorm runs f32 on the CPU with an affine part");
+        }
         return bn.forward_t(&x.relu()?, train);
     };
     if !train {
         // candle-nn keeps the running statistics as variables: detached, as candle-nn's own
         // evaluation uses them, so that a sampling loop builds no graph through them.
-        return ddpm_kernels::relu_batch_norm_eval(
-            x,
-            weight,
-            bias,
-            &bn.running_mean().detach(),
-            &bn.running_var().detach(),
-            bn.eps(),
-        );
+        let (mean, var) = (bn.running_mean().detach(), bn.running_var().detach());
+        return if nhwc {
+            ddpm_kernels::relu_batch_norm_eval_nhwc(x, weight, bias, &mean, &var, bn.eps())
+        } else {
+            ddpm_kernels::relu_batch_norm_eval(x, weight, bias, &mean, &var, bn.eps())
+        };
     }
-    let (y, stats) = ddpm_kernels::relu_batch_norm(x, weight, bias, bn.eps())?;
+    let (y, stats) = if nhwc {
+        ddpm_kernels::relu_batch_norm_nhwc(x, weight, bias, bn.eps())?
+    } else {
+        ddpm_kernels::relu_batch_norm(x, weight, bias, bn.eps())?
+    };
     if stats.count < 2 {
         candle_core::bail!("BatchNorm in training needs more than one value per channel");
     }
@@ -259,6 +265,44 @@ impl Conv {
     }
 }
 
+impl Conv {
+    /// Whether [`Conv::forward_nhwc`] runs for `x`: f32 on the CPU, no dilation, groups or
+    /// output padding.
+    pub(crate) fn runs_nhwc(&self, x: &Tensor) -> bool {
+        match self {
+            Self::Forward(c) => {
+                let cfg = c.config();
+                ddpm_kernels::supports(x, c.weight()) && cfg.dilation == 1 && cfg.groups == 1
+            }
+            Self::Transpose(c) => {
+                let cfg = c.config();
+                ddpm_kernels::supports(x, c.weight())
+                    && cfg.dilation == 1
+                    && cfg.output_padding == 0
+            }
+        }
+    }
+
+    /// The layer on channels-last `x` `[B, H, W, C]`, giving `[B, H_out, W_out, C_out]`; an
+    /// error where [`Conv::runs_nhwc`] is false.
+    pub(crate) fn forward_nhwc(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !self.runs_nhwc(x) {
+            candle_core::bail!("channels-last convolutions run f32 on the CPU, plain ones only");
+        }
+        match self {
+            Self::Forward(c) => {
+                let cfg = c.config();
+                ddpm_kernels::conv2d_nhwc(x, c.weight(), c.bias(), cfg.padding, cfg.stride)
+            }
+            Self::Transpose(c) => {
+                let cfg = c.config();
+                let (w, b) = (c.weight(), c.bias());
+                ddpm_kernels::conv_transpose2d_nhwc(x, w, b, cfg.padding, cfg.stride)
+            }
+        }
+    }
+}
+
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
@@ -321,7 +365,7 @@ mod tests {
                 .unwrap()
                 .sin()
                 .unwrap();
-            let ours = super::relu_batch_norm(&a, &x, true).unwrap();
+            let ours = super::relu_batch_norm(&a, &x, true, false).unwrap();
             let theirs = b.forward_t(&x.relu().unwrap(), true).unwrap();
             close(&ours, &theirs, "train output");
         }
@@ -332,7 +376,7 @@ mod tests {
         let moved = max_abs((va["bn.running_var"].as_tensor() - 1.0).unwrap());
         assert!(moved > 1e-3, "the running variance was updated");
         let single = Tensor::ones((1, 3, 1, 1), DType::F32, &dev).unwrap();
-        let err = super::relu_batch_norm(&a, &single, true)
+        let err = super::relu_batch_norm(&a, &single, true, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("more than one value per channel"), "{err}");
@@ -344,7 +388,7 @@ mod tests {
             - 5.5)
             .unwrap();
         close(
-            &super::relu_batch_norm(&a, &x, false).unwrap(),
+            &super::relu_batch_norm(&a, &x, false, false).unwrap(),
             &b.forward_t(&x.relu().unwrap(), false).unwrap(),
             "eval output",
         );
