@@ -1,5 +1,6 @@
 //! Times each convolution of the seed `SimpleUnet` (channels 32..256, 1x32x32, batch 64),
-//! forward and forward+backward, and prints GFLOP/s per layer shape.
+//! forward and forward+backward, channels-last as the model runs them, and prints GFLOP/s
+//! per layer shape.
 //!
 //! `cargo run --release -p ddpm-kernels --example layers`
 
@@ -29,7 +30,7 @@ fn main() -> candle_core::Result<()> {
     ];
     println!("| c_in | c_out | size | k | s | T | fwd ms | fwd GFLOP/s | fwd+bwd ms | GFLOP/s |");
     for (ci, co, size, k, s, t) in shapes {
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, ci, size, size), &dev)?)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, size, size, ci), &dev)?)?;
         let (w, out) = if t {
             (Tensor::randn(0f32, 1., (ci, co, k, k), &dev)?, size * 2)
         } else {
@@ -49,9 +50,9 @@ fn main() -> candle_core::Result<()> {
             for _ in 0..5 {
                 let start = Instant::now();
                 let y = if t {
-                    ddpm_kernels::conv_transpose2d(&x, &w, None, 1, s)?
+                    ddpm_kernels::conv_transpose2d_nhwc(&x, &w, None, 1, s)?
                 } else {
-                    ddpm_kernels::conv2d(&x, &w, None, (k - 1) / 2, s)?
+                    ddpm_kernels::conv2d_nhwc(&x, &w, None, (k - 1) / 2, s)?
                 };
                 if bwd {
                     y.sum_all()?.backward()?;

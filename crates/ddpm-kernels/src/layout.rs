@@ -126,69 +126,93 @@ pub(crate) fn kernel_from_rows(w: &[f32], o: usize, c: usize, kk: usize, out: &m
 
 /// NHWC `x` `[B, H, W, C]` into `rows` `[B*L, k*k*C]`: row `b * L + oy * Wo + ox` is the
 /// receptive field of that output position, `(ky, kx, ci)` holding `x[b, oy*s + ky - p, ox*s +
-/// kx - p, ci]` (0 in the padding). Every element of `rows` is written.
+/// kx - p, ci]` (0 in the padding). Every element of `rows` is written. In parallel over
+/// output rows.
 pub(crate) fn im2row(x: &[f32], b: usize, g: &Geometry, rows: &mut [f32]) {
     let (ho, wo) = g.out_hw().expect("checked when the op was built");
-    let (c, k) = (g.c, g.k);
-    let width = k * k * c;
-    debug_assert_eq!(x.len(), b * g.h * g.w * c);
+    let (image, width) = (g.h * g.w * g.c, g.ckk());
+    debug_assert_eq!(x.len(), b * image);
     debug_assert_eq!(rows.len(), b * ho * wo * width);
-    // Tasks: one output row (b, oy): Wo rows of the matrix.
     rows.par_chunks_mut(wo * width)
         .enumerate()
         .for_each(|(task, dst)| {
             let (bi, oy) = (task / ho, task % ho);
-            let image = &x[bi * g.h * g.w * c..][..g.h * g.w * c];
-            for (ox, row) in dst.chunks_mut(width).enumerate() {
-                for ky in 0..k {
-                    let iy = g.source(oy, ky, g.h);
-                    for kx in 0..k {
-                        let d = &mut row[(ky * k + kx) * c..][..c];
-                        match (iy, g.source(ox, kx, g.w)) {
-                            (Some(iy), Some(ix)) => {
-                                d.copy_from_slice(&image[(iy * g.w + ix) * c..][..c])
-                            }
-                            _ => d.fill(0.0),
-                        }
-                    }
-                }
-            }
+            im2row_line(&x[bi * image..][..image], g, oy, dst);
         });
 }
 
-/// The adjoint of [`im2row`]: `rows` `[B*L, k*k*C]` summed into NHWC `out` `[B, H, W, C]`,
-/// onto `bias` `[C]` at every position where given. Every element of `out` is written.
-pub(crate) fn row2im(rows: &[f32], b: usize, g: &Geometry, bias: Option<&[f32]>, out: &mut [f32]) {
+/// [`im2row`] on the calling thread, for callers that run blocks of images in parallel.
+pub(crate) fn im2row_serial(x: &[f32], b: usize, g: &Geometry, rows: &mut [f32]) {
     let (ho, wo) = g.out_hw().expect("checked when the op was built");
-    let (c, k) = (g.c, g.k);
-    let width = k * k * c;
-    let image = g.h * g.w * c;
-    debug_assert_eq!(out.len(), b * image);
+    let (image, width) = (g.h * g.w * g.c, g.ckk());
+    debug_assert_eq!(x.len(), b * image);
     debug_assert_eq!(rows.len(), b * ho * wo * width);
-    out.par_chunks_mut(image).enumerate().for_each(|(bi, o)| {
-        match bias {
-            Some(v) => o.chunks_exact_mut(c).for_each(|p| p.copy_from_slice(v)),
-            None => o.fill(0.0),
-        }
-        let src = &rows[bi * ho * wo * width..][..ho * wo * width];
-        for (pos, row) in src.chunks(width).enumerate() {
-            let (oy, ox) = (pos / wo, pos % wo);
-            for ky in 0..k {
-                let Some(iy) = g.source(oy, ky, g.h) else {
-                    continue;
-                };
-                for kx in 0..k {
-                    let Some(ix) = g.source(ox, kx, g.w) else {
-                        continue;
-                    };
-                    let d = &mut o[(iy * g.w + ix) * c..][..c];
-                    for (d, v) in d.iter_mut().zip(&row[(ky * k + kx) * c..][..c]) {
-                        *d += v;
-                    }
+    for (task, dst) in rows.chunks_mut(wo * width).enumerate() {
+        let (bi, oy) = (task / ho, task % ho);
+        im2row_line(&x[bi * image..][..image], g, oy, dst);
+    }
+}
+
+/// The `Wo` rows of output row `oy` of one NHWC `image`, into `dst`.
+fn im2row_line(image: &[f32], g: &Geometry, oy: usize, dst: &mut [f32]) {
+    let (c, k) = (g.c, g.k);
+    for (ox, row) in dst.chunks_mut(g.ckk()).enumerate() {
+        for ky in 0..k {
+            let iy = g.source(oy, ky, g.h);
+            for kx in 0..k {
+                let d = &mut row[(ky * k + kx) * c..][..c];
+                match (iy, g.source(ox, kx, g.w)) {
+                    (Some(iy), Some(ix)) => d.copy_from_slice(&image[(iy * g.w + ix) * c..][..c]),
+                    _ => d.fill(0.0),
                 }
             }
         }
-    });
+    }
+}
+
+/// The adjoint of [`im2row`]: `rows` `[B*L, k*k*C]` summed into NHWC `out` `[B, H, W, C]`,
+/// onto `bias` `[C]` at every position where given, on the calling thread (callers run blocks
+/// of images in parallel). Every element of `out` is written.
+pub(crate) fn row2im_serial(
+    rows: &[f32],
+    b: usize,
+    g: &Geometry,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let image = g.h * g.w * g.c;
+    let per = rows.len() / b.max(1);
+    debug_assert_eq!(out.len(), b * image);
+    for (bi, o) in out.chunks_mut(image).enumerate() {
+        row2im_image(&rows[bi * per..][..per], g, bias, o);
+    }
+}
+
+/// One image's rows `[L, k*k*C]` summed into its NHWC `o`, onto `bias` where given.
+fn row2im_image(src: &[f32], g: &Geometry, bias: Option<&[f32]>, o: &mut [f32]) {
+    let (_, wo) = g.out_hw().expect("checked when the op was built");
+    let (c, k) = (g.c, g.k);
+    match bias {
+        Some(v) => o.chunks_exact_mut(c).for_each(|p| p.copy_from_slice(v)),
+        None => o.fill(0.0),
+    }
+    for (pos, row) in src.chunks(g.ckk()).enumerate() {
+        let (oy, ox) = (pos / wo, pos % wo);
+        for ky in 0..k {
+            let Some(iy) = g.source(oy, ky, g.h) else {
+                continue;
+            };
+            for kx in 0..k {
+                let Some(ix) = g.source(ox, kx, g.w) else {
+                    continue;
+                };
+                let d = &mut o[(iy * g.w + ix) * c..][..c];
+                for (d, v) in d.iter_mut().zip(&row[(ky * k + kx) * c..][..c]) {
+                    *d += v;
+                }
+            }
+        }
+    }
 }
 
 /// Rows per task of [`channel_sums_nhwc`]: a split that depends on the shape alone.

@@ -30,10 +30,14 @@
 //! the 2-core machine this was measured on, the 3x3 convolution 32 -> 64 channels on 32x32 at
 //! batch 64 as `[64, 288] x [288, 65536]` (kernel times Caffe-style columns, NCHW out) ran at
 //! 36 GFLOP/s, and as `[65536, 288] x [288, 64]` (rows times the kernel, NHWC out) at ~100.
-//! The batch sits inside the matmuls, so the 4x4 maps deep in a U-Net still make one large
-//! product; the rows live in scratch buffers reused between calls. Every piece writes
-//! disjoint memory per task and sums in a fixed order, and the matmuls split work over output
-//! blocks only, so results are bitwise the same for every thread count.
+//! The forward passes and `conv2d`'s input gradient run in blocks of whole images (256+
+//! output positions each, so the 4x4 maps deep in a U-Net still make products of useful size):
+//! each task builds its block's rows in a per-thread buffer and multiplies them while they
+//! are in cache, instead of writing the whole batch's rows (tens of megabytes) to memory and
+//! reading them back. The kernel gradients, which sum over the batch, run as one product over
+//! the whole batch's rows. Every piece writes disjoint memory per task and sums in a fixed
+//! order, and the matmuls split work over output blocks only, so results are bitwise the same
+//! for every thread count.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -65,10 +69,10 @@ use rayon::prelude::*;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use layout::{
-    Geometry, channel_sums_nhwc, im2row, kernel_from_rows, kernel_to_rows, nchw_to_nhwc,
-    nhwc_to_nchw, row2im, transpose,
+    Geometry, channel_sums_nhwc, im2row, im2row_serial, kernel_from_rows, kernel_to_rows,
+    nchw_to_nhwc, nhwc_to_nchw, row2im_serial, transpose,
 };
-use matmul::{Mat, Scratch, matmul};
+use matmul::{Mat, Scratch, matmul, matmul_serial, with_local_scratch};
 
 /// Output positions (batch times map) from which `conv2d`'s kernel gradient is computed
 /// transposed.
@@ -132,6 +136,17 @@ trait Passes {
 
     /// `(dx, dw, db)` from the NHWC input, the kernel and the NHWC output gradient.
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], b: usize) -> [Vec<f32>; 3];
+}
+
+/// Output positions per block of images in the im2row passes: rows enough for `gemm`, few
+/// enough that a block's rows (`positions x k*k*C`) stay in cache between being written and
+/// multiplied.
+const BLOCK_ROWS: usize = 256;
+
+/// Images per block for maps of `l` positions in a batch of `b`: [`BLOCK_ROWS`] positions or
+/// more, but at least 8 blocks where the batch allows. Depends on the shape alone.
+fn images_per_block(b: usize, l: usize) -> usize {
+    BLOCK_ROWS.div_ceil(l.max(1)).min(b.div_ceil(8)).max(1)
 }
 
 /// `len` values of `bias` repeated: the rows a product then accumulates onto.
@@ -201,19 +216,23 @@ impl Passes for Conv2d {
             return winograd::conv3x3(x, w, Some(bias), s);
         }
         let (g, c_out) = (&self.g, self.c_out);
-        let (l, ckk) = (g.l(), g.ckk());
-        let rows = self.rows(x, b);
+        let (l, ckk, image) = (g.l(), g.ckk(), g.h * g.w * g.c);
+        let per = images_per_block(b, l);
         let wr = self.kernel_rows(w);
-        // [B*L, C_out] = bias + rows [B*L, k*k*C] times the kernel transposed: positions along
-        // the matmul's long side, the shape `gemm` runs fastest.
+        // Per block of images: its rows [n*L, k*k*C], then bias + rows times the kernel
+        // transposed, [n*L, C_out], while the rows are in cache. Positions along the
+        // product's long side: the shape `gemm` runs fastest.
         let mut y = bias_rows(bias, b * l * c_out);
-        matmul(
-            &mut y,
-            c_out,
-            Mat::rows(&rows, b * l, ckk),
-            Mat::rows(&wr, c_out, ckk).t(),
-            true,
-        );
+        y.par_chunks_mut((per * l * c_out).max(1))
+            .zip(x.par_chunks((per * image).max(1)))
+            .for_each(|(yb, xb)| {
+                let n = yb.len() / (l * c_out);
+                with_local_scratch(n * l * ckk, |rows| {
+                    im2row_serial(xb, n, g, rows);
+                    let lhs = Mat::rows(rows, n * l, ckk);
+                    matmul_serial(yb, c_out, lhs, Mat::rows(&wr, c_out, ckk).t(), true);
+                });
+            });
         y
     }
 
@@ -233,7 +252,7 @@ impl Passes for Conv2d {
             return [winograd::conv3x3(dy, &flipped, None, s), dw, db];
         }
         let dyh = Mat::rows(dy, b * l, c_out);
-        let mut rows = self.rows(x, b);
+        let rows = self.rows(x, b);
         let mut dwr = Scratch::new(c_out * ckk);
         if b * l >= LONG_REDUCTION {
             // dw^T [k*k*C, C_out] = rows^T dy, then a transpose: with this many positions
@@ -253,12 +272,22 @@ impl Passes for Conv2d {
         let mut dw = vec![0f32; c_out * ckk];
         kernel_from_rows(&dwr, c_out, g.c, g.k * g.k, &mut dw);
         drop(dwr);
-        // The gradient of the rows reuses their buffer.
+        drop(rows);
+        // dx per block of images: the rows' gradient dy w, then row2im, while in cache.
         let wr = self.kernel_rows(w);
-        matmul(&mut rows, ckk, dyh, Mat::rows(&wr, c_out, ckk), false);
-        drop(wr);
-        let mut dx = vec![0f32; b * hw * g.c];
-        row2im(&rows, b, g, None, &mut dx);
+        let image = hw * g.c;
+        let per = images_per_block(b, l);
+        let mut dx = vec![0f32; b * image];
+        dx.par_chunks_mut((per * image).max(1))
+            .zip(dy.par_chunks((per * l * c_out).max(1)))
+            .for_each(|(dxb, dyb)| {
+                let n = dxb.len() / image;
+                with_local_scratch(n * l * ckk, |rows| {
+                    let lhs = Mat::rows(dyb, n * l, c_out);
+                    matmul_serial(rows, ckk, lhs, Mat::rows(&wr, c_out, ckk), false);
+                    row2im_serial(rows, n, g, None, dxb);
+                });
+            });
         [dx, dw, db]
     }
 }
@@ -291,19 +320,22 @@ impl Passes for ConvTranspose2d {
 
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32> {
         let (g, c_in) = (&self.g, self.c_in);
-        let (l, ckk, hw) = (g.l(), g.ckk(), g.h * g.w);
+        let (l, ckk, image) = (g.l(), g.ckk(), g.h * g.w * g.c);
+        let per = images_per_block(b, l);
         let wr = self.kernel_rows(w);
-        let mut rows = Scratch::new(b * l * ckk);
-        matmul(
-            &mut rows,
-            ckk,
-            Mat::rows(x, b * l, c_in),
-            Mat::rows(&wr, c_in, ckk),
-            false,
-        );
-        drop(wr);
-        let mut y = vec![0f32; b * hw * g.c];
-        row2im(&rows, b, g, Some(bias), &mut y);
+        // Per block of images: rows x w [n*L, k*k*C_out] summed by row2im onto the bias,
+        // while in cache.
+        let mut y = vec![0f32; b * image];
+        y.par_chunks_mut((per * image).max(1))
+            .zip(x.par_chunks((per * l * c_in).max(1)))
+            .for_each(|(yb, xb)| {
+                let n = yb.len() / image;
+                with_local_scratch(n * l * ckk, |rows| {
+                    let lhs = Mat::rows(xb, n * l, c_in);
+                    matmul_serial(rows, ckk, lhs, Mat::rows(&wr, c_in, ckk), false);
+                    row2im_serial(rows, n, g, Some(bias), yb);
+                });
+            });
         y
     }
 

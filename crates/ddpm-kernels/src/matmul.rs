@@ -56,10 +56,16 @@ pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>,
     product(dst, dst_rs, lhs, rhs, accumulate, parallelism);
 }
 
-/// `dst = lhs * rhs` on the calling thread, for callers that run many small products in
-/// parallel themselves.
-pub(crate) fn matmul_serial(dst: &mut [f32], dst_rs: usize, lhs: Mat<'_>, rhs: Mat<'_>) {
-    product(dst, dst_rs, lhs, rhs, false, gemm::Parallelism::None);
+/// [`matmul`] on the calling thread, for callers that run many small products in parallel
+/// themselves.
+pub(crate) fn matmul_serial(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    accumulate: bool,
+) {
+    product(dst, dst_rs, lhs, rhs, accumulate, gemm::Parallelism::None);
 }
 
 fn product(
@@ -203,4 +209,25 @@ impl Drop for Scratch {
 fn thread_count() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
+thread_local! {
+    /// Each thread's scratch for [`with_local_scratch`].
+    static LOCAL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer of `len` elements (contents unspecified), kept for
+/// the thread's next call: the blocked passes run thousands of small tasks, and a fresh
+/// buffer per task costs an allocation and a page fault per 4 KiB. `f` must not start
+/// parallel work (a nested call on the same thread then gets a fresh buffer).
+pub(crate) fn with_local_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    LOCAL.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                *buf = vec![0.0; len];
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }

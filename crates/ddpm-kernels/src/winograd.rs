@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use crate::matmul::{Mat, Scratch, matmul_serial};
+use crate::matmul::{Mat, Scratch, matmul_serial, with_local_scratch};
 
 /// Whether the Winograd path is the faster one for `s`, as measured per layer on a 2-core x86
 /// machine (`cargo run --release -p ddpm-kernels --example layers`): forward 1.2-2.2x faster
@@ -107,6 +107,9 @@ fn g_row(r: usize, v: [f32; 3]) -> f32 {
         _ => v[2],
     }
 }
+
+/// Lanes of the kernel gradient's sum over blocks: partial sums kept at once.
+const LANES: usize = 8;
 
 /// Tiles per block: rows enough for `gemm`, few enough that a block's transforms (`16 x 256 x
 /// C` values) stay in cache between the three steps.
@@ -233,15 +236,11 @@ pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -
         blocks.push((t0, n, row0, mine));
     }
     let most = blocks.iter().map(|b| b.1).max().unwrap_or(0);
-    blocks.into_par_iter().for_each_init(
-        || {
-            (
-                vec![0f32; most * 16 * c],
-                vec![0f32; most * 16 * c_out],
-                vec![0f32; 16 * c.max(c_out)],
-            )
-        },
-        |(v, m, tmp), (t0, n, row0, out)| {
+    let (v_len, m_len) = (most * 16 * c, most * 16 * c_out);
+    blocks.into_par_iter().for_each(|(t0, n, row0, out)| {
+        with_local_scratch(v_len + m_len + 16 * c.max(c_out), |buf| {
+            let (v, rest) = buf.split_at_mut(v_len);
+            let (m, tmp) = rest.split_at_mut(m_len);
             for (i, vt) in v.chunks_exact_mut(16 * c).take(n).enumerate() {
                 input_transform(x, &s, t0 + i, &zeros[..c], &mut tmp[..16 * c], vt);
             }
@@ -254,13 +253,13 @@ pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -
                     cs: 1,
                 };
                 let rhs = Mat::rows(&u[xi * c * c_out..][..c * c_out], c, c_out);
-                matmul_serial(&mut m[xi * c_out..], 16 * c_out, lhs, rhs);
+                matmul_serial(&mut m[xi * c_out..], 16 * c_out, lhs, rhs, false);
             }
             for (i, mt) in m.chunks_exact(16 * c_out).take(n).enumerate() {
                 output_transform(mt, &s, t0 + i, row0, bias, &mut tmp[..8 * c_out], out);
             }
-        },
-    );
+        })
+    });
     y
 }
 
@@ -346,53 +345,57 @@ fn gt_row(i: usize, v: [f32; 4]) -> f32 {
 /// The kernel gradient `[C_out, C, 3, 3]` of [`conv3x3`] from its input `x` and output
 /// gradient `dy` (both NHWC). The forward pass is `Y = Aᵀ (U ⊙ V) A` per tile with `U = G g Gᵀ`,
 /// so `dU = Σ_tiles V ⊙ (A dY Aᵀ)` and `dg = Gᵀ dU G`. Each block's sum over its tiles is 16
-/// products `Vᵀ [C, tiles] x [tiles, C_out]`; the blocks' sums are then added in block order,
-/// so the result does not depend on the thread count.
+/// products `Vᵀ [C, tiles] x [tiles, C_out]`, added into one of [`LANES`] partial sums by a
+/// fixed rule; the lanes' sums are then added in order, so the result does not depend on the
+/// thread count.
 pub(crate) fn kernel_grad3x3(x: &[f32], dy: &[f32], s: Shape3x3) -> Vec<f32> {
     let (c, c_out) = (s.c, s.c_out);
     let blocks = tile_blocks(&s);
     let most = blocks.iter().map(|b| b.1).max().unwrap_or(0);
     let zeros = vec![0f32; c.max(c_out)];
     let size = 16 * c * c_out;
-    let mut partial = vec![0f32; blocks.len() * size];
+    // Block i adds into lane i % LANES; the lanes run in parallel, each over its blocks in
+    // order, so every sum has the same order whatever the thread count.
+    let lanes = blocks.len().min(LANES);
+    let mut partial = vec![0f32; lanes * size];
+    let (v_len, g_len) = (most * 16 * c, most * 16 * c_out);
     partial
         .par_chunks_mut(size)
-        .zip(blocks.par_iter())
-        .for_each_init(
-            || {
-                (
-                    vec![0f32; most * 16 * c],
-                    vec![0f32; most * 16 * c_out],
-                    vec![0f32; 16 * c.max(c_out)],
-                )
-            },
-            |(v, g, tmp), (du, &(t0, n))| {
-                for (i, vt) in v.chunks_exact_mut(16 * c).take(n).enumerate() {
-                    input_transform(x, &s, t0 + i, &zeros[..c], &mut tmp[..16 * c], vt);
+        .enumerate()
+        .for_each(|(lane, du)| {
+            with_local_scratch(v_len + g_len + 16 * c.max(c_out), |buf| {
+                let (v, rest) = buf.split_at_mut(v_len);
+                let (g, tmp) = rest.split_at_mut(g_len);
+                for (k, &(t0, n)) in blocks.iter().enumerate().skip(lane).step_by(lanes) {
+                    for (i, vt) in v.chunks_exact_mut(16 * c).take(n).enumerate() {
+                        input_transform(x, &s, t0 + i, &zeros[..c], &mut tmp[..16 * c], vt);
+                    }
+                    for (i, gt) in g.chunks_exact_mut(16 * c_out).take(n).enumerate() {
+                        let p = &mut tmp[..8 * c_out];
+                        grad_transform(dy, &s, t0 + i, &zeros[..c_out], p, gt);
+                    }
+                    for xi in 0..16 {
+                        let lhs = Mat {
+                            data: &v[xi * c..],
+                            rows: c,
+                            cols: n,
+                            rs: 1,
+                            cs: 16 * c,
+                        };
+                        let rhs = Mat {
+                            data: &g[xi * c_out..],
+                            rows: n,
+                            cols: c_out,
+                            rs: 16 * c_out,
+                            cs: 1,
+                        };
+                        let dst = &mut du[xi * c * c_out..];
+                        matmul_serial(dst, c_out, lhs, rhs, k >= lanes);
+                    }
                 }
-                for (i, gt) in g.chunks_exact_mut(16 * c_out).take(n).enumerate() {
-                    grad_transform(dy, &s, t0 + i, &zeros[..c_out], &mut tmp[..8 * c_out], gt);
-                }
-                for xi in 0..16 {
-                    let lhs = Mat {
-                        data: &v[xi * c..],
-                        rows: c,
-                        cols: n,
-                        rs: 1,
-                        cs: 16 * c,
-                    };
-                    let rhs = Mat {
-                        data: &g[xi * c_out..],
-                        rows: n,
-                        cols: c_out,
-                        rs: 16 * c_out,
-                        cs: 1,
-                    };
-                    matmul_serial(&mut du[xi * c * c_out..], c_out, lhs, rhs);
-                }
-            },
-        );
-    // dU: the blocks' sums added in order, in parallel over elements.
+            })
+        });
+    // dU: the lanes' sums added in order, in parallel over elements.
     let mut du = vec![0f32; size];
     du.par_chunks_mut(c_out).enumerate().for_each(|(row, out)| {
         for part in partial.chunks_exact(size) {

@@ -1,5 +1,6 @@
 //! Each op against candle's own, forward and backward, on random shapes: odd sizes, strides 1
-//! and 2, padding 0..2, batch 1, and both of conv2d's paths (im2row, Winograd). Tolerance: 1e-4 relative to the largest value (sums of up to
+//! and 2, padding 0..2, batch 1, blocks of several images, and both of conv2d's paths
+//! (im2row, Winograd). Tolerance: 1e-4 relative to the largest value (sums of up to
 //! a few hundred products in another order).
 
 use candle_core::backprop::GradStore;
@@ -33,7 +34,7 @@ fn dot(a: &Tensor, b: &Tensor) -> f32 {
 /// (batch, c_in, c_out, h, w, k, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CASES: [Case; 14] = [
+const CASES: [Case; 15] = [
     (1, 1, 1, 5, 5, 3, 1, 1),
     (2, 3, 4, 7, 9, 3, 1, 1),
     (1, 4, 2, 8, 8, 4, 2, 1),
@@ -51,6 +52,8 @@ const CASES: [Case; 14] = [
     (1, 64, 128, 63, 65, 3, 1, 1),
     (1, 16, 16, 45, 70, 3, 1, 1),
     (5, 128, 64, 31, 30, 3, 1, 1),
+    // A batch of 20 small maps: the im2row passes run blocks of 3 images, the last of 2.
+    (20, 3, 4, 8, 8, 4, 2, 1),
     // 2 x 128 x 128 = 32768 output positions: conv2d's kernel gradient takes its other path.
     (2, 2, 3, 128, 128, 3, 1, 1),
 ];
@@ -260,6 +263,8 @@ fn results_do_not_depend_on_the_thread_count() {
                 (4, 6, 8, 20, 3, 1, 1),
                 (3, 8, 5, 9, 4, 2, 1),
                 (2, 3, 4, 128, 3, 1, 1),
+                // Blocks of several images.
+                (20, 3, 5, 8, 4, 2, 1),
                 // Winograd.
                 (2, 64, 128, 45, 3, 1, 1),
             ] {
