@@ -260,3 +260,17 @@ pub(crate) fn row_sums(
     }
     total
 }
+
+/// The sum of the `size`-float partial sums laid end to end in `partial`, added in order (in
+/// parallel over elements).
+pub(crate) fn sum_lanes(partial: &[f32], size: usize) -> Vec<f32> {
+    let mut total = vec![0f32; size];
+    total.par_chunks_mut(4096).enumerate().for_each(|(i, out)| {
+        for part in partial.chunks_exact(size.max(1)) {
+            for (o, &v) in out.iter_mut().zip(&part[i * 4096..]) {
+                *o += v;
+            }
+        }
+    });
+    total
+}

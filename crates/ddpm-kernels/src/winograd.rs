@@ -18,6 +18,8 @@
 
 use rayon::prelude::*;
 
+use crate::LANES;
+use crate::layout::sum_lanes;
 use crate::matmul::{Mat, Scratch, matmul_serial, with_local_scratch};
 
 /// Whether the Winograd path is the faster one for `s`, as measured per layer on a 2-core x86
@@ -107,9 +109,6 @@ fn g_row(r: usize, v: [f32; 3]) -> f32 {
         _ => v[2],
     }
 }
-
-/// Lanes of the kernel gradient's sum over blocks: partial sums kept at once.
-const LANES: usize = 8;
 
 /// Tiles per block: rows enough for `gemm`, few enough that a block's transforms (`16 x 256 x
 /// C` values) stay in cache between the three steps.
@@ -396,14 +395,7 @@ pub(crate) fn kernel_grad3x3(x: &[f32], dy: &[f32], s: Shape3x3) -> Vec<f32> {
             })
         });
     // dU: the lanes' sums added in order, in parallel over elements.
-    let mut du = vec![0f32; size];
-    du.par_chunks_mut(c_out).enumerate().for_each(|(row, out)| {
-        for part in partial.chunks_exact(size) {
-            for (o, &v) in out.iter_mut().zip(&part[row * c_out..][..c_out]) {
-                *o += v;
-            }
-        }
-    });
+    let du = sum_lanes(&partial, size);
     drop(partial);
     // dg = Gᵀ dU G for every (output, input) channel pair, into [C_out, C, 3, 3].
     let mut dw = vec![0f32; c_out * c * 9];

@@ -34,7 +34,7 @@ fn dot(a: &Tensor, b: &Tensor) -> f32 {
 /// (batch, c_in, c_out, h, w, k, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CASES: [Case; 15] = [
+const CASES: [Case; 16] = [
     (1, 1, 1, 5, 5, 3, 1, 1),
     (2, 3, 4, 7, 9, 3, 1, 1),
     (1, 4, 2, 8, 8, 4, 2, 1),
@@ -52,9 +52,13 @@ const CASES: [Case; 15] = [
     (1, 64, 128, 63, 65, 3, 1, 1),
     (1, 16, 16, 45, 70, 3, 1, 1),
     (5, 128, 64, 31, 30, 3, 1, 1),
-    // A batch of 20 small maps: the im2row passes run blocks of 3 images, the last of 2.
+    // A batch of 20 small maps: the im2row passes run blocks of 3 images, the last of 2, and
+    // the kernel gradients sum them in lanes.
     (20, 3, 4, 8, 8, 4, 2, 1),
-    // 2 x 128 x 128 = 32768 output positions: conv2d's kernel gradient takes its other path.
+    // Blocks with fewer positions than twice the output channels: conv2d's kernel gradient
+    // over the whole batch.
+    (2, 3, 40, 6, 6, 3, 2, 1),
+    // 2 x 128 x 128 = 32768 output positions over 3 channels: large blocks, thin kernels.
     (2, 2, 3, 128, 128, 3, 1, 1),
 ];
 
@@ -263,8 +267,9 @@ fn results_do_not_depend_on_the_thread_count() {
                 (4, 6, 8, 20, 3, 1, 1),
                 (3, 8, 5, 9, 4, 2, 1),
                 (2, 3, 4, 128, 3, 1, 1),
-                // Blocks of several images.
+                // Blocks of several images; conv2d's kernel gradient without lanes.
                 (20, 3, 5, 8, 4, 2, 1),
+                (2, 3, 64, 6, 3, 2, 1),
                 // Winograd.
                 (2, 64, 128, 45, 3, 1, 1),
             ] {
