@@ -141,32 +141,39 @@ trait Passes {
 /// multiplied.
 const BLOCK_ROWS: usize = 256;
 
-/// Images per block for maps of `l` positions in a batch of `b`: [`BLOCK_ROWS`] positions or
-/// more, but at least 8 blocks where the batch allows. Depends on the shape alone.
-fn images_per_block(b: usize, l: usize) -> usize {
-    BLOCK_ROWS.div_ceil(l.max(1)).min(b.div_ceil(8)).max(1)
+/// Images per block for maps of `l` positions in a batch of `b`, where blocks pay: at least
+/// [`BLOCK_ROWS`] positions each, but at least 8 blocks where the batch allows. `None` where
+/// that leaves one block, or where a block's rows (`positions x k*k*C`) are less than twice
+/// the kernel (`k*k*C x width`, `width` its other side): `gemm` packs the kernel anew for
+/// every block's products, and the kernel gradient's lanes read and write its size per block,
+/// which then costs more than the cache saves (measured per layer: 256 -> 256 channels 4x4
+/// stride 2 over 8x8 maps at batch 64 ran 1.6x slower blocked, 64 -> 64 over 32x32 1.3x
+/// faster). Depends on the shape alone.
+fn blocking(b: usize, l: usize, width: usize) -> Option<usize> {
+    let per = BLOCK_ROWS.div_ceil(l.max(1)).min(b.div_ceil(8)).max(1);
+    (b.div_ceil(per) >= 2 && per * l >= 2 * width).then_some(per)
 }
 
 /// Partial sums a blocked kernel gradient keeps at most: lanes that accumulate blocks.
 pub(crate) const LANES: usize = 8;
 
-/// Floats the lanes of a blocked kernel gradient may take in all (64 MiB); wider kernels sum
-/// over the whole batch in one product instead.
+/// Floats the lanes of a blocked kernel gradient may take in all (64 MiB).
 const LANE_FLOATS: usize = 1 << 24;
 
-/// Lanes for a kernel gradient `[k*k*C, width]` over `blocks` blocks of `rows` positions
-/// each: 0 (the caller then takes its unblocked path) where fewer than 2 lanes fit, or where
-/// a block has fewer than `2 * width` positions: a lane then reads and writes more partial
-/// sums than its block has rows (measured per layer: 256 -> 256 channels 4x4 stride 2 over
-/// 8x8 maps at batch 64 ran 1.6x slower blocked, 64 -> 64 over 32x32 1.3x faster). Depends
-/// on the shape alone.
-fn lanes_for(blocks: usize, rows: usize, ckk: usize, width: usize) -> usize {
-    let lanes = blocks.min(LANES).min(LANE_FLOATS / (ckk * width).max(1));
-    if lanes < 2 || rows < 2 * width {
-        0
-    } else {
-        lanes
-    }
+/// Lanes for a kernel gradient of `size` floats over `blocks` blocks: 0 where fewer than 2
+/// fit (the caller then takes its unblocked path). Depends on the shape alone.
+fn lanes_for(blocks: usize, size: usize) -> usize {
+    let lanes = blocks.min(LANES).min(LANE_FLOATS / size.max(1));
+    if lanes < 2 { 0 } else { lanes }
+}
+
+/// Sums NHWC `rows` `[B*L, k*k*C]` into `out` by row2im, in parallel over images.
+fn row2im_par(rows: &[f32], b: usize, g: &Geometry, bias: Option<&[f32]>, out: &mut [f32]) {
+    let image = g.h * g.w * g.c;
+    let per = rows.len() / b.max(1);
+    out.par_chunks_mut(image.max(1))
+        .zip(rows.par_chunks(per.max(1)))
+        .for_each(|(o, r)| row2im_serial(r, 1, g, bias, o));
 }
 
 /// The blocked backward pass: `out` in chunks of `chunk` floats, one per block of images;
@@ -265,20 +272,24 @@ impl Passes for Conv2d {
         }
         let (g, c_out) = (&self.g, self.c_out);
         let (l, ckk, image) = (g.l(), g.ckk(), g.h * g.w * g.c);
-        let per = images_per_block(b, l);
         let wr = self.kernel_rows(w);
-        // Per block of images: its rows [n*L, k*k*C], then bias + rows times the kernel
-        // transposed, [n*L, C_out], while the rows are in cache. Positions along the
-        // product's long side: the shape `gemm` runs fastest.
+        let wt = Mat::rows(&wr, c_out, ckk).t();
         let mut y = bias_rows(bias, b * l * c_out);
+        let Some(per) = blocking(b, l, c_out) else {
+            // bias + rows [B*L, k*k*C] times the kernel transposed, [B*L, C_out]: positions
+            // along the product's long side, the shape `gemm` runs fastest.
+            let rows = self.rows(x, b);
+            matmul(&mut y, c_out, Mat::rows(&rows, b * l, ckk), wt, true);
+            return y;
+        };
+        // The same per block of images, while the block's rows are in cache.
         y.par_chunks_mut((per * l * c_out).max(1))
             .zip(x.par_chunks((per * image).max(1)))
             .for_each(|(yb, xb)| {
                 let n = yb.len() / (l * c_out);
                 with_local_scratch(n * l * ckk, |rows| {
                     im2row_serial(xb, n, g, rows);
-                    let lhs = Mat::rows(rows, n * l, ckk);
-                    matmul_serial(yb, c_out, lhs, Mat::rows(&wr, c_out, ckk).t(), true);
+                    matmul_serial(yb, c_out, Mat::rows(rows, n * l, ckk), wt, true);
                 });
             });
         y
@@ -301,11 +312,11 @@ impl Passes for Conv2d {
         }
         let wr = self.kernel_rows(w);
         let image = hw * g.c;
-        let per = images_per_block(b, l);
         let mut dx = vec![0f32; b * image];
         let mut dwr = Scratch::new(c_out * ckk);
-        let lanes = lanes_for(b.div_ceil(per), per * l, ckk, c_out);
-        if lanes > 0 {
+        let per = blocking(b, l, c_out);
+        let lanes = per.map_or(0, |per| lanes_for(b.div_ceil(per), c_out * ckk));
+        if let (Some(per), true) = (per, lanes > 0) {
             // Per block of images, while its rows are in cache: dw^T [k*k*C, C_out] += rows^T
             // dy into the block's lane, then the rows' gradient dy w and row2im into dx.
             let dwt = over_lanes(
@@ -328,22 +339,13 @@ impl Passes for Conv2d {
             );
             transpose(&dwt, ckk, c_out, &mut dwr);
         } else {
-            // No lanes: dw over the whole batch's rows in one product.
+            // Over the whole batch: dw = dy^T rows, then the rows' gradient (in their buffer)
+            // dy w and row2im.
             let dyh = Mat::rows(dy, b * l, c_out);
-            let rows = self.rows(x, b);
+            let mut rows = self.rows(x, b);
             matmul(&mut dwr, ckk, dyh.t(), Mat::rows(&rows, b * l, ckk), false);
-            drop(rows);
-            // dx per block of images: the rows' gradient dy w, then row2im, while in cache.
-            dx.par_chunks_mut((per * image).max(1))
-                .zip(dy.par_chunks((per * l * c_out).max(1)))
-                .for_each(|(dxb, dyb)| {
-                    let n = dxb.len() / image;
-                    with_local_scratch(n * l * ckk, |rows| {
-                        let lhs = Mat::rows(dyb, n * l, c_out);
-                        matmul_serial(rows, ckk, lhs, Mat::rows(&wr, c_out, ckk), false);
-                        row2im_serial(rows, n, g, None, dxb);
-                    });
-                });
+            matmul(&mut rows, ckk, dyh, Mat::rows(&wr, c_out, ckk), false);
+            row2im_par(&rows, b, g, None, &mut dx);
         }
         let mut dw = vec![0f32; c_out * ckk];
         kernel_from_rows(&dwr, c_out, g.c, g.k * g.k, &mut dw);
@@ -380,18 +382,23 @@ impl Passes for ConvTranspose2d {
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32> {
         let (g, c_in) = (&self.g, self.c_in);
         let (l, ckk, image) = (g.l(), g.ckk(), g.h * g.w * g.c);
-        let per = images_per_block(b, l);
         let wr = self.kernel_rows(w);
-        // Per block of images: rows x w [n*L, k*k*C_out] summed by row2im onto the bias,
-        // while in cache.
+        let wm = Mat::rows(&wr, c_in, ckk);
         let mut y = vec![0f32; b * image];
+        let Some(per) = blocking(b, l, c_in) else {
+            // rows = x w [B*L, k*k*C_out], summed by row2im onto the bias.
+            let mut rows = Scratch::new(b * l * ckk);
+            matmul(&mut rows, ckk, Mat::rows(x, b * l, c_in), wm, false);
+            row2im_par(&rows, b, g, Some(bias), &mut y);
+            return y;
+        };
+        // The same per block of images, while the block's rows are in cache.
         y.par_chunks_mut((per * image).max(1))
             .zip(x.par_chunks((per * l * c_in).max(1)))
             .for_each(|(yb, xb)| {
                 let n = yb.len() / image;
                 with_local_scratch(n * l * ckk, |rows| {
-                    let lhs = Mat::rows(xb, n * l, c_in);
-                    matmul_serial(rows, ckk, lhs, Mat::rows(&wr, c_in, ckk), false);
+                    matmul_serial(rows, ckk, Mat::rows(xb, n * l, c_in), wm, false);
                     row2im_serial(rows, n, g, Some(bias), yb);
                 });
             });
@@ -403,10 +410,10 @@ impl Passes for ConvTranspose2d {
         let (l, ckk, image) = (g.l(), g.ckk(), g.h * g.w * g.c);
         let db = channel_sums_nhwc(dy, g.c);
         let wr = self.kernel_rows(w);
-        let per = images_per_block(b, l);
         let mut dx = vec![0f32; b * l * c_in];
-        let lanes = lanes_for(b.div_ceil(per), per * l, ckk, c_in);
-        let dwr = if lanes > 0 {
+        let per = blocking(b, l, c_in);
+        let lanes = per.map_or(0, |per| lanes_for(b.div_ceil(per), c_in * ckk));
+        let dwr = if let (Some(per), true) = (per, lanes > 0) {
             // Per block of images, while its rows im2row(dy) are in cache: dx = rows w^T, and
             // dw [C_in, k*k*C_out] += x^T rows into the block's lane.
             over_lanes(

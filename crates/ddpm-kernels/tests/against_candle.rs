@@ -34,7 +34,7 @@ fn dot(a: &Tensor, b: &Tensor) -> f32 {
 /// (batch, c_in, c_out, h, w, k, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CASES: [Case; 16] = [
+const CASES: [Case; 17] = [
     (1, 1, 1, 5, 5, 3, 1, 1),
     (2, 3, 4, 7, 9, 3, 1, 1),
     (1, 4, 2, 8, 8, 4, 2, 1),
@@ -55,9 +55,10 @@ const CASES: [Case; 16] = [
     // A batch of 20 small maps: the im2row passes run blocks of 3 images, the last of 2, and
     // the kernel gradients sum them in lanes.
     (20, 3, 4, 8, 8, 4, 2, 1),
-    // Blocks with fewer positions than twice the output channels: conv2d's kernel gradient
-    // over the whole batch.
+    // Blocks whose rows would be small next to the kernel: whole-batch passes (conv2d; then
+    // conv_transpose2d too).
     (2, 3, 40, 6, 6, 3, 2, 1),
+    (2, 40, 3, 3, 3, 4, 2, 1),
     // 2 x 128 x 128 = 32768 output positions over 3 channels: large blocks, thin kernels.
     (2, 2, 3, 128, 128, 3, 1, 1),
 ];
@@ -267,9 +268,10 @@ fn results_do_not_depend_on_the_thread_count() {
                 (4, 6, 8, 20, 3, 1, 1),
                 (3, 8, 5, 9, 4, 2, 1),
                 (2, 3, 4, 128, 3, 1, 1),
-                // Blocks of several images; conv2d's kernel gradient without lanes.
+                // Blocks of several images; whole-batch passes.
                 (20, 3, 5, 8, 4, 2, 1),
                 (2, 3, 64, 6, 3, 2, 1),
+                (2, 40, 3, 3, 4, 2, 1),
                 // Winograd.
                 (2, 64, 128, 45, 3, 1, 1),
             ] {
