@@ -769,9 +769,11 @@ impl Unet2d {
             cfg.flip_sin_to_cos,
             cfg.freq_shift,
         );
+        // The sinusoidal features are f32; the model's dtype is the input's (diffusers casts
+        // them to its own dtype the same way).
         let temb = self
             .time_embedding
-            .forward(&timestep_embedding(&t, &sin)?)?;
+            .forward(&timestep_embedding(&t, &sin)?.to_dtype(x.dtype())?)?;
 
         let mut h = self.conv_in.forward(&x)?;
         let mut skips = vec![h.clone()];

@@ -95,6 +95,37 @@ fn gradients_reach_every_parameter_in_training_mode() {
     }
 }
 
+/// The model of `config` in f64 with `map32`'s weights.
+fn f64_twin(config: &UnetConfig, map32: &VarMap) -> (VarMap, Unet) {
+    let mut map64 = VarMap::new();
+    let unet64 = Unet::new(
+        config,
+        VarBuilder::from_varmap(&map64, DType::F64, &Device::Cpu),
+    )
+    .unwrap();
+    for (name, t) in varmap_tensors(map32) {
+        map64
+            .set_one(&name, t.to_dtype(DType::F64).unwrap())
+            .unwrap();
+    }
+    (map64, unet64)
+}
+
+/// `a` (f32) within 1e-4 of `b` (any float dtype), relative to `b`'s largest value.
+#[track_caller]
+fn close_relative(what: &str, a: &Tensor, b: &Tensor) {
+    let (a, b) = (flat(a), flat(&b.to_dtype(DType::F32).unwrap()));
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        diff <= 1e-4 * scale,
+        "{what}: max |diff| {diff} at scale {scale}"
+    );
+}
+
 /// SimpleUnet in f32 on the CPU runs channels-last on `ddpm-kernels`; in f64 it runs candle's
 /// NCHW ops. The same weights give the same training-mode output, gradients for every
 /// parameter and running statistics both ways, and the same evaluation output. Batch 8 at
@@ -104,17 +135,7 @@ fn gradients_reach_every_parameter_in_training_mode() {
 fn simple_unet_channels_last_matches_candle_nchw() {
     let config = UnetConfig::preset("seed-tiny").unwrap();
     let (map32, unet32) = build(&config, 5);
-    let mut map64 = VarMap::new();
-    let unet64 = Unet::new(
-        &config,
-        VarBuilder::from_varmap(&map64, DType::F64, &Device::Cpu),
-    )
-    .unwrap();
-    for (name, t) in varmap_tensors(&map32) {
-        map64
-            .set_one(&name, t.to_dtype(DType::F64).unwrap())
-            .unwrap();
-    }
+    let (map64, unet64) = f64_twin(&config, &map32);
     let n = 8 * 16 * 16;
     let x: Vec<f32> = (0..n)
         .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
@@ -122,18 +143,7 @@ fn simple_unet_channels_last_matches_candle_nchw() {
     let x = Tensor::from_vec(x, (8, 1, 16, 16), &Device::Cpu).unwrap();
     let t = Tensor::new(&[3u32, 250, 999, 0, 17, 500, 42, 731], &Device::Cpu).unwrap();
     let probe = (x.affine(1.7, 0.3).unwrap().sin().unwrap() * 0.5).unwrap();
-    let close = |what: &str, a: &Tensor, b: &Tensor| {
-        let (a, b) = (flat(a), flat(&b.to_dtype(DType::F32).unwrap()));
-        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        let diff = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            diff <= 1e-4 * scale,
-            "{what}: max |diff| {diff} at scale {scale}"
-        );
-    };
+    let close = close_relative;
     let mode = Mode::Train { seed: 1 };
     let y32 = unet32.forward_t(&x, &t, mode).unwrap();
     let x64 = x.to_dtype(DType::F64).unwrap();
@@ -164,6 +174,22 @@ fn simple_unet_channels_last_matches_candle_nchw() {
         &unet32.forward_t(&x, &t, Mode::Eval).unwrap(),
         &unet64.forward_t(&x64, &t, Mode::Eval).unwrap(),
     );
+}
+
+/// Both U-Nets run in f64 (the sinusoidal features are cast to the model's dtype) and agree
+/// with f32 in evaluation, 1e-4 relative to the largest value.
+#[test]
+fn both_unets_run_in_f64() {
+    for config in [UnetConfig::preset("seed-tiny").unwrap(), tiny_unet2d()] {
+        let (map32, unet32) = build(&config, 6);
+        let (_map64, unet64) = f64_twin(&config, &map32);
+        let (x, t) = inputs(config.in_channels(), 16);
+        let y32 = unet32.forward_t(&x, &t, Mode::Eval).unwrap();
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let y64 = unet64.forward_t(&x64, &t, Mode::Eval).unwrap();
+        assert_eq!(y64.dtype(), DType::F64);
+        close_relative(&format!("{config:?}"), &y32, &y64);
+    }
 }
 
 #[test]
