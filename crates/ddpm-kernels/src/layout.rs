@@ -171,8 +171,18 @@ fn im2row_line(image: &[f32], g: &Geometry, oy: usize, dst: &mut [f32]) {
 }
 
 /// The adjoint of [`im2row`]: `rows` `[B*L, k*k*C]` summed into NHWC `out` `[B, H, W, C]`,
-/// onto `bias` `[C]` at every position where given, on the calling thread (callers run blocks
-/// of images in parallel). Every element of `out` is written.
+/// onto `bias` `[C]` at every position where given. Every element of `out` is written. In
+/// parallel over images.
+pub(crate) fn row2im(rows: &[f32], b: usize, g: &Geometry, bias: Option<&[f32]>, out: &mut [f32]) {
+    let image = g.h * g.w * g.c;
+    let per = rows.len() / b.max(1);
+    debug_assert_eq!(out.len(), b * image);
+    out.par_chunks_mut(image.max(1))
+        .zip(rows.par_chunks(per.max(1)))
+        .for_each(|(o, r)| row2im_image(r, g, bias, o));
+}
+
+/// [`row2im`] on the calling thread, for callers that run blocks of images in parallel.
 pub(crate) fn row2im_serial(
     rows: &[f32],
     b: usize,

@@ -72,7 +72,7 @@ use rayon::prelude::*;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use layout::{
     Geometry, channel_sums_nhwc, im2row, im2row_serial, kernel_from_rows, kernel_to_rows,
-    nchw_to_nhwc, nhwc_to_nchw, row2im_serial, sum_lanes, transpose,
+    nchw_to_nhwc, nhwc_to_nchw, row2im, row2im_serial, sum_lanes, transpose,
 };
 use matmul::{Mat, Scratch, matmul, matmul_serial, with_local_scratch};
 
@@ -165,15 +165,6 @@ const LANE_FLOATS: usize = 1 << 24;
 fn lanes_for(blocks: usize, size: usize) -> usize {
     let lanes = blocks.min(LANES).min(LANE_FLOATS / size.max(1));
     if lanes < 2 { 0 } else { lanes }
-}
-
-/// Sums NHWC `rows` `[B*L, k*k*C]` into `out` by row2im, in parallel over images.
-fn row2im_par(rows: &[f32], b: usize, g: &Geometry, bias: Option<&[f32]>, out: &mut [f32]) {
-    let image = g.h * g.w * g.c;
-    let per = rows.len() / b.max(1);
-    out.par_chunks_mut(image.max(1))
-        .zip(rows.par_chunks(per.max(1)))
-        .for_each(|(o, r)| row2im_serial(r, 1, g, bias, o));
 }
 
 /// The blocked backward pass: `out` in chunks of `chunk` floats, one per block of images;
@@ -345,7 +336,7 @@ impl Passes for Conv2d {
             let mut rows = self.rows(x, b);
             matmul(&mut dwr, ckk, dyh.t(), Mat::rows(&rows, b * l, ckk), false);
             matmul(&mut rows, ckk, dyh, Mat::rows(&wr, c_out, ckk), false);
-            row2im_par(&rows, b, g, None, &mut dx);
+            row2im(&rows, b, g, None, &mut dx);
         }
         let mut dw = vec![0f32; c_out * ckk];
         kernel_from_rows(&dwr, c_out, g.c, g.k * g.k, &mut dw);
@@ -389,7 +380,7 @@ impl Passes for ConvTranspose2d {
             // rows = x w [B*L, k*k*C_out], summed by row2im onto the bias.
             let mut rows = Scratch::new(b * l * ckk);
             matmul(&mut rows, ckk, Mat::rows(x, b * l, c_in), wm, false);
-            row2im_par(&rows, b, g, Some(bias), &mut y);
+            row2im(&rows, b, g, Some(bias), &mut y);
             return y;
         };
         // The same per block of images, while the block's rows are in cache.
