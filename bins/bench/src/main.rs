@@ -251,6 +251,7 @@ fn time_peak(args: &Args, dev: &Device) -> Result<Vec<f64>> {
 
 fn main() -> Result<()> {
     alloc::keep_freed_memory();
+    alloc::pin_thread_count();
     let args = Args::parse();
     if args.steps == 0 {
         bail!("--steps must be at least 1");

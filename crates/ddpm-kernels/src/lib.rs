@@ -1,5 +1,5 @@
 //! Faster CPU convolutions for candle, forward and backward, and a fused training-mode
-//! BatchNorm ([`relu_batch_norm`]).
+//! BatchNorm ([`relu_batch_norm`]) and GroupNorm ([`group_norm`], [`group_norm_silu`]).
 //!
 //! candle 0.11's CPU `conv2d` backward computes the input gradient with a direct
 //! `conv_transpose2d` loop (15-19 GFLOP/s on a 2-core x86 machine, where its matmul reaches
@@ -56,11 +56,13 @@
 //! ```
 #![warn(missing_docs)]
 
+mod group_norm;
 mod layout;
 mod matmul;
 mod norm;
 mod winograd;
 
+pub use group_norm::{group_norm, group_norm_silu, group_norm_supports};
 pub use norm::{
     BatchStats, add_per_image_nhwc, relu_batch_norm, relu_batch_norm_eval,
     relu_batch_norm_eval_nhwc, relu_batch_norm_nhwc, relu_batch_norm_supports, relu_channel_affine,

@@ -398,7 +398,7 @@ struct ReluChannelAffine {
 
 /// Checks that `x` is f32 on the CPU, `[N, C, ...]` (or `[..., C]` with `nhwc`) and not
 /// empty, and that the two vectors, described for errors as `names`, are `[C]`; returns `C`.
-fn per_channel_dims(
+pub(crate) fn per_channel_dims(
     what: &str,
     x: &Tensor,
     (names, a, b): (&str, &Tensor, &Tensor),
@@ -428,8 +428,8 @@ fn per_channel_dims(
     Ok(c.copied().unwrap_or(0))
 }
 
-/// Checks a BatchNorm's `eps`.
-fn check_eps(what: &str, eps: f64) -> candle_core::Result<()> {
+/// Checks a normalisation's `eps`.
+pub(crate) fn check_eps(what: &str, eps: f64) -> candle_core::Result<()> {
     if !(eps.is_finite() && eps >= 0.0) {
         candle_core::bail!("{what}: eps must be >= 0, got {eps}");
     }

@@ -252,9 +252,9 @@ fn mismatched_shapes_are_errors() {
     );
 }
 
-/// Forward and backward of both convolutions (NCHW and NHWC), the fused BatchNorms and the
-/// per-image add at shapes that take every path (both orientations of the kernel gradient,
-/// strides 1 and 2, Winograd) are bitwise the same with 1, 2 and 5 threads.
+/// Forward and backward of both convolutions (NCHW and NHWC), the fused BatchNorms, the
+/// GroupNorms and the per-image add at shapes that take every path (both orientations of the
+/// kernel gradient, strides 1 and 2, Winograd) are bitwise the same with 1, 2 and 5 threads.
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
     ddpm_testutil::assert_same_across_thread_counts(
@@ -288,6 +288,10 @@ fn results_do_not_depend_on_the_thread_count() {
                 let loss = (loss + (&n * &y).unwrap().sum_all().unwrap()).unwrap();
                 let e = ddpm_kernels::relu_channel_affine(&y, &bias, &bias).unwrap();
                 let loss = (loss + (&e * &y).unwrap().sum_all().unwrap()).unwrap();
+                // GroupNorms: one group, and one channel per group.
+                let g1 = ddpm_kernels::group_norm_silu(&y, 1, &bias, &bias, 1e-5).unwrap();
+                let gc = ddpm_kernels::group_norm(&g1, co, &bias, &bias, 1e-5).unwrap();
+                let loss = (loss + (&gc * &y).unwrap().sum_all().unwrap()).unwrap();
                 // The channels-last forms, with the per-image add.
                 let xh = x.permute((0, 2, 3, 1)).unwrap();
                 let yh = ddpm_kernels::conv2d_nhwc(&xh, &w, Some(&bias), p, s).unwrap();
@@ -306,6 +310,8 @@ fn results_do_not_depend_on_the_thread_count() {
                     &z,
                     &n,
                     &e,
+                    &g1,
+                    &gc,
                     &ah,
                     &zh,
                     x.as_tensor(),

@@ -1,7 +1,7 @@
 //! Small building blocks shared by both U-Nets: the forward mode, seeded dropout, attention.
 
 use candle_core::{D, Module, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -203,6 +203,37 @@ impl SpatialAttention {
     }
 }
 
+/// PyTorch's `GroupNorm` (`weight` and `bias`), run by `ddpm-kernels`' fused op for f32 on the
+/// CPU (one pass per statistic instead of a chain of tensor ops) and by candle-nn's elsewhere.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    candle: candle_nn::GroupNorm,
+}
+
+impl GroupNorm {
+    /// The normalised `x` `[N, C, H, W]`.
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if ddpm_kernels::group_norm_supports(x) {
+            ddpm_kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps)
+        } else {
+            self.candle.forward(x)
+        }
+    }
+
+    /// `silu(self.forward(x))`, in one pass where the fused op runs.
+    pub(crate) fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if ddpm_kernels::group_norm_supports(x) {
+            ddpm_kernels::group_norm_silu(x, self.groups, &self.weight, &self.bias, self.eps)
+        } else {
+            self.candle.forward(x)?.silu()
+        }
+    }
+}
+
 /// A GroupNorm whose group count divides the channels, or an error saying which does not.
 pub(crate) fn group_norm(
     groups: usize,
@@ -213,7 +244,15 @@ pub(crate) fn group_norm(
     if groups == 0 || channels % groups != 0 {
         candle_core::bail!("GroupNorm: {channels} channels do not split into {groups} groups");
     }
-    candle_nn::group_norm(groups, channels, eps, vb)
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    Ok(GroupNorm {
+        candle: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
 }
 
 /// A convolution layer (PyTorch's `weight` and `bias` names, candle's initialisation) that runs

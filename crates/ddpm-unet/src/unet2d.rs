@@ -1,12 +1,12 @@
 //! A port of diffusers' `UNet2DModel` (unconditional), read from its `config.json`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use ddpm_embeddings::{SinusoidalConfig, TimestepEmbedding, timestep_embedding};
 use serde::{Deserialize, Serialize};
 
 use crate::Mode;
-use crate::layers::{Conv, Dropout, SpatialAttention, group_norm};
+use crate::layers::{Conv, Dropout, GroupNorm, SpatialAttention, group_norm};
 
 /// A down block type of `UNet2DModel`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -390,14 +390,14 @@ impl ResnetBlock2D {
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self
             .time_emb_proj
             .forward(&temb.silu()?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.norm2.forward(&h)?.silu()?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&self.dropout.forward(&h, mode)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
@@ -790,7 +790,7 @@ impl Unet2d {
         for block in &self.up_blocks {
             h = block.forward(&h, &temb, mode, &mut skips)?;
         }
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

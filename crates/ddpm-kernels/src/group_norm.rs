@@ -1,0 +1,276 @@
+//! GroupNorm, optionally fused with the SiLU after it (diffusers' `ResnetBlock2D` runs
+//! `silu(norm(x))` twice per block), forward and backward, on `[N, C, ...]` f32 tensors.
+//!
+//! candle-nn's GroupNorm is a chain of a dozen tensor ops (reshapes, two means, broadcasts, a
+//! square root, the affine part), each a pass over memory with its own allocation, and the
+//! SiLU after it two more; their backward passes twice as many. Here each `(sample, group)`
+//! slab, which is contiguous in `[N, C, ...]`, is read three times forward (mean, spread,
+//! output) and twice backward, one task per slab. Sums run in f64 in a fixed order, and the
+//! weight and bias gradients add per-sample partial sums in sample order, so results do not
+//! depend on the thread count.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::{contiguous_f32, tensor, with_data};
+
+/// The op: `groups` groups, `eps`, with or without the SiLU, and the per-slab mean and
+/// `1 / sqrt(var + eps)` the forward pass found, for the backward pass.
+struct GroupNorm {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+    saved: Arc<OnceLock<Vec<(f32, f32)>>>,
+}
+
+/// The geometry of `[N, C, ...]`: channels, positions per channel plane.
+fn dims_of(dims: &[usize]) -> (usize, usize) {
+    (dims[1], dims[2..].iter().product())
+}
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl CustomOp3 for GroupNorm {
+    fn name(&self) -> &'static str {
+        if self.silu {
+            "group-norm-silu"
+        } else {
+            "group-norm"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (channels, hw) = dims_of(l1.shape().dims());
+        let (x, w, b) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
+        let per_group = channels / self.groups;
+        let slab = per_group * hw;
+        let mut y = vec![0f32; x.len()];
+        let stats: Vec<(f32, f32)> = y
+            .par_chunks_mut(slab)
+            .zip(x.par_chunks(slab))
+            .enumerate()
+            .map(|(i, (ys, xs))| {
+                let count = xs.len() as f64;
+                // Two passes in f64: the mean, then the spread around it.
+                let mean = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / count;
+                let var = xs
+                    .iter()
+                    .map(|&v| (f64::from(v) - mean).powi(2))
+                    .sum::<f64>()
+                    / count;
+                let inv_std = (1.0 / (var + self.eps).sqrt()) as f32;
+                let mean = mean as f32;
+                let c0 = (i % self.groups) * per_group;
+                for (j, (yc, xc)) in ys.chunks_exact_mut(hw).zip(xs.chunks_exact(hw)).enumerate() {
+                    let k = inv_std * w[c0 + j];
+                    let shift = b[c0 + j] - mean * k;
+                    if self.silu {
+                        for (o, &v) in yc.iter_mut().zip(xc) {
+                            let a = v * k + shift;
+                            *o = a * sigmoid(a);
+                        }
+                    } else {
+                        for (o, &v) in yc.iter_mut().zip(xc) {
+                            *o = v * k + shift;
+                        }
+                    }
+                }
+                (mean, inv_std)
+            })
+            .collect();
+        if self.saved.set(stats).is_err() {
+            candle_core::bail!("group-norm: an op value runs forward once");
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(saved) = self.saved.get() else {
+            candle_core::bail!("group-norm: backward before forward");
+        };
+        let dims = x.dims().to_vec();
+        if grad_res.dims() != dims {
+            candle_core::bail!(
+                "group-norm: gradient of shape {:?} for {dims:?}",
+                grad_res.dims()
+            );
+        }
+        let (channels, hw) = dims_of(&dims);
+        let (dx, dw, db) = with_data(x, |x| {
+            with_data(w, |w| {
+                with_data(b, |b| {
+                    with_data(grad_res, |dy| {
+                        self.backward(x, w, b, dy, saved, channels, hw)
+                    })
+                })
+            })
+        })????;
+        Ok((
+            Some(tensor(dx, &dims, x)?),
+            Some(tensor(dw, &[channels], x)?),
+            Some(tensor(db, &[channels], x)?),
+        ))
+    }
+}
+
+impl GroupNorm {
+    /// `(dx, dw, db)` for the output gradient `dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        dy: &[f32],
+        saved: &[(f32, f32)],
+        channels: usize,
+        hw: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let per_group = channels / self.groups;
+        let slab = per_group * hw;
+        let mut dx = vec![0f32; x.len()];
+        // Per (sample, channel): [sum(g), sum(g * xhat)], g the gradient at the norm's output
+        // (through the SiLU), which the first pass leaves in `dx`.
+        let mut sums = vec![[0f64; 2]; x.len() / hw];
+        dx.par_chunks_mut(slab)
+            .zip(x.par_chunks(slab).zip(dy.par_chunks(slab)))
+            .zip(sums.par_chunks_mut(per_group))
+            .enumerate()
+            .for_each(|(i, ((gs, (xs, dys)), sums))| {
+                let (mean, inv_std) = saved[i];
+                let c0 = (i % self.groups) * per_group;
+                for (j, sum) in sums.iter_mut().enumerate() {
+                    let range = j * hw..(j + 1) * hw;
+                    let (wc, bc) = (w[c0 + j], b[c0 + j]);
+                    let (mut s_g, mut s_gx) = (0f64, 0f64);
+                    for ((g, &v), &d) in gs[range.clone()]
+                        .iter_mut()
+                        .zip(&xs[range.clone()])
+                        .zip(&dys[range])
+                    {
+                        let xhat = (v - mean) * inv_std;
+                        *g = if self.silu {
+                            let a = xhat * wc + bc;
+                            let s = sigmoid(a);
+                            d * s * (1.0 + a * (1.0 - s))
+                        } else {
+                            d
+                        };
+                        s_g += f64::from(*g);
+                        s_gx += f64::from(*g) * f64::from(xhat);
+                    }
+                    *sum = [s_g, s_gx];
+                }
+                // dx = inv_std (g w - mean(g w) - xhat mean(g w xhat)), means over the slab.
+                let count = slab as f64;
+                let (mut m1, mut m2) = (0f64, 0f64);
+                for (j, s) in sums.iter().enumerate() {
+                    m1 += f64::from(w[c0 + j]) * s[0];
+                    m2 += f64::from(w[c0 + j]) * s[1];
+                }
+                let (m1, m2) = ((m1 / count) as f32, (m2 / count) as f32);
+                for (j, (gc, xc)) in gs.chunks_exact_mut(hw).zip(xs.chunks_exact(hw)).enumerate() {
+                    let wc = w[c0 + j];
+                    for (g, &v) in gc.iter_mut().zip(xc) {
+                        let xhat = (v - mean) * inv_std;
+                        *g = inv_std * (*g * wc - m1 - xhat * m2);
+                    }
+                }
+            });
+        // Weight and bias gradients: the per-sample sums added in sample order.
+        let (mut dw, mut db) = (vec![0f64; channels], vec![0f64; channels]);
+        for per_sample in sums.chunks_exact(channels) {
+            for (c, s) in per_sample.iter().enumerate() {
+                db[c] += s[0];
+                dw[c] += s[1];
+            }
+        }
+        (
+            dx,
+            dw.into_iter().map(|v| v as f32).collect(),
+            db.into_iter().map(|v| v as f32).collect(),
+        )
+    }
+}
+
+/// Whether [`group_norm`] runs on `x`: f32 on the CPU.
+pub fn group_norm_supports(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// GroupNorm (Wu and He 2018) as PyTorch's `nn.GroupNorm`: the channels (dimension 1) of
+/// `x` `[N, C, ...]` split into `groups` consecutive groups, each `(sample, group)` normalised
+/// by its own mean and biased variance, then each channel scaled by `weight` and shifted by
+/// `bias` (`[C]`). Gradients flow to all three. `x` is f32 on the CPU.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    group_norm_in(x, groups, weight, bias, eps, false)
+}
+
+/// `silu(group_norm(x))` in one op: [`group_norm`] followed by `v * sigmoid(v)`.
+pub fn group_norm_silu(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    group_norm_in(x, groups, weight, bias, eps, true)
+}
+
+fn group_norm_in(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> candle_core::Result<Tensor> {
+    let what = if silu {
+        "group_norm_silu"
+    } else {
+        "group_norm"
+    };
+    let channels =
+        crate::norm::per_channel_dims(what, x, ("weight and bias [C]", weight, bias), false)?;
+    crate::norm::check_eps(what, eps)?;
+    if groups == 0 || channels % groups != 0 {
+        candle_core::bail!("{what}: {channels} channels do not split into {groups} groups");
+    }
+    let op = GroupNorm {
+        groups,
+        eps,
+        silu,
+        saved: Arc::new(OnceLock::new()),
+    };
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+}
