@@ -1,11 +1,13 @@
 //! GroupNorm, optionally fused with the SiLU after it (diffusers' `ResnetBlock2D` runs
-//! `silu(norm(x))` twice per block), forward and backward, on `[N, C, ...]` f32 tensors.
+//! `silu(norm(x))` twice per block), forward and backward, on `[N, C, ...]` f32 tensors or
+//! channels-last `[N, ..., C]` ones.
 //!
 //! candle-nn's GroupNorm is a chain of a dozen tensor ops (reshapes, two means, broadcasts, a
 //! square root, the affine part), each a pass over memory with its own allocation, and the
 //! SiLU after it two more; their backward passes twice as many. Here each `(sample, group)`
 //! slab, which is contiguous in `[N, C, ...]`, is read three times forward (mean, spread,
-//! output) and twice backward, one task per slab. Sums run in f64 in a fixed order, and the
+//! output) and twice backward, one task per slab; channels last, one task per sample, whose
+//! rows add into per-channel sums. Sums run in f64 in a fixed order, and the
 //! weight and bias gradients add per-sample partial sums in sample order, so results do not
 //! depend on the thread count.
 
@@ -22,12 +24,36 @@ struct GroupNorm {
     groups: usize,
     eps: f64,
     silu: bool,
+    /// Channels last (`[N, ..., C]`), else `[N, C, ...]`.
+    nhwc: bool,
     saved: Arc<OnceLock<Vec<(f32, f32)>>>,
 }
 
-/// The geometry of `[N, C, ...]`: channels, positions per channel plane.
-fn dims_of(dims: &[usize]) -> (usize, usize) {
-    (dims[1], dims[2..].iter().product())
+/// The channels and the positions per sample of `[N, C, ...]`, or of `[N, ..., C]` with `nhwc`.
+fn dims_of(dims: &[usize], nhwc: bool) -> (usize, usize) {
+    if nhwc {
+        (
+            dims[dims.len() - 1],
+            dims[1..dims.len() - 1].iter().product(),
+        )
+    } else {
+        (dims[1], dims[2..].iter().product())
+    }
+}
+
+/// `silu(a)`, or `a`.
+fn act(a: f32, silu: bool) -> f32 {
+    if silu { a * sigmoid(a) } else { a }
+}
+
+/// The gradient at the norm's output `a` for the gradient `d` after the activation.
+fn act_grad(a: f32, d: f32, silu: bool) -> f32 {
+    if silu {
+        let s = sigmoid(a);
+        d * s * (1.0 + a * (1.0 - s))
+    } else {
+        d
+    }
 }
 
 fn sigmoid(v: f32) -> f32 {
@@ -52,12 +78,19 @@ impl CustomOp3 for GroupNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (channels, hw) = dims_of(l1.shape().dims());
+        let (channels, hw) = dims_of(l1.shape().dims(), self.nhwc);
         let (x, w, b) = (
             contiguous_f32(s1, l1)?,
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
+        if self.nhwc {
+            let (y, stats) = self.forward_nhwc(x, w, b, channels, hw);
+            if self.saved.set(stats).is_err() {
+                candle_core::bail!("group-norm: an op value runs forward once");
+            }
+            return Ok((CpuStorage::F32(y), l1.shape().clone()));
+        }
         let per_group = channels / self.groups;
         let slab = per_group * hw;
         let mut y = vec![0f32; x.len()];
@@ -80,15 +113,8 @@ impl CustomOp3 for GroupNorm {
                 for (j, (yc, xc)) in ys.chunks_exact_mut(hw).zip(xs.chunks_exact(hw)).enumerate() {
                     let k = inv_std * w[c0 + j];
                     let shift = b[c0 + j] - mean * k;
-                    if self.silu {
-                        for (o, &v) in yc.iter_mut().zip(xc) {
-                            let a = v * k + shift;
-                            *o = a * sigmoid(a);
-                        }
-                    } else {
-                        for (o, &v) in yc.iter_mut().zip(xc) {
-                            *o = v * k + shift;
-                        }
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = act(v * k + shift, self.silu);
                     }
                 }
                 (mean, inv_std)
@@ -118,7 +144,7 @@ impl CustomOp3 for GroupNorm {
                 grad_res.dims()
             );
         }
-        let (channels, hw) = dims_of(&dims);
+        let (channels, hw) = dims_of(&dims, self.nhwc);
         let (dx, dw, db) = with_data(x, |x| {
             with_data(w, |w| {
                 with_data(b, |b| {
@@ -149,9 +175,43 @@ impl GroupNorm {
         channels: usize,
         hw: usize,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut dx = vec![0f32; x.len()];
+        let sums = if self.nhwc {
+            self.backward_nhwc(x, w, b, dy, saved, channels, &mut dx)
+        } else {
+            self.backward_nchw(x, w, b, dy, saved, channels, hw, &mut dx)
+        };
+        // Weight and bias gradients: the per-sample sums added in sample order.
+        let (mut dw, mut db) = (vec![0f64; channels], vec![0f64; channels]);
+        for per_sample in sums.chunks_exact(channels) {
+            for (c, s) in per_sample.iter().enumerate() {
+                db[c] += s[0];
+                dw[c] += s[1];
+            }
+        }
+        (
+            dx,
+            dw.into_iter().map(|v| v as f32).collect(),
+            db.into_iter().map(|v| v as f32).collect(),
+        )
+    }
+
+    /// Leaves `dx` for `[N, C, ...]` data; returns `[sum(g), sum(g * xhat)]` per (sample,
+    /// channel), `g` the gradient at the norm's output.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_nchw(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        dy: &[f32],
+        saved: &[(f32, f32)],
+        channels: usize,
+        hw: usize,
+        dx: &mut [f32],
+    ) -> Vec<[f64; 2]> {
         let per_group = channels / self.groups;
         let slab = per_group * hw;
-        let mut dx = vec![0f32; x.len()];
         // Per (sample, channel): [sum(g), sum(g * xhat)], g the gradient at the norm's output
         // (through the SiLU), which the first pass leaves in `dx`.
         let mut sums = vec![[0f64; 2]; x.len() / hw];
@@ -172,13 +232,7 @@ impl GroupNorm {
                         .zip(&dys[range])
                     {
                         let xhat = (v - mean) * inv_std;
-                        *g = if self.silu {
-                            let a = xhat * wc + bc;
-                            let s = sigmoid(a);
-                            d * s * (1.0 + a * (1.0 - s))
-                        } else {
-                            d
-                        };
+                        *g = act_grad(xhat * wc + bc, d, self.silu);
                         s_g += f64::from(*g);
                         s_gx += f64::from(*g) * f64::from(xhat);
                     }
@@ -200,19 +254,130 @@ impl GroupNorm {
                     }
                 }
             });
-        // Weight and bias gradients: the per-sample sums added in sample order.
-        let (mut dw, mut db) = (vec![0f64; channels], vec![0f64; channels]);
-        for per_sample in sums.chunks_exact(channels) {
-            for (c, s) in per_sample.iter().enumerate() {
-                db[c] += s[0];
-                dw[c] += s[1];
-            }
-        }
-        (
-            dx,
-            dw.into_iter().map(|v| v as f32).collect(),
-            db.into_iter().map(|v| v as f32).collect(),
-        )
+        sums
+    }
+
+    /// The forward pass on `[N, ..., C]` data, one task per sample: the output and the
+    /// per-(sample, group) mean and `1 / sqrt(var + eps)`.
+    fn forward_nhwc(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        channels: usize,
+        positions: usize,
+    ) -> (Vec<f32>, Vec<(f32, f32)>) {
+        let per_group = channels / self.groups;
+        let sample = positions * channels;
+        let count = (positions * per_group) as f64;
+        let mut y = vec![0f32; x.len()];
+        let stats: Vec<Vec<(f32, f32)>> = y
+            .par_chunks_mut(sample)
+            .zip(x.par_chunks(sample))
+            .map(|(ys, xs)| {
+                // Two passes in f64: per-channel sums give the group means, then the spread
+                // around them.
+                let mut sums = vec![0f64; channels];
+                for row in xs.chunks_exact(channels) {
+                    for (s, &v) in sums.iter_mut().zip(row) {
+                        *s += f64::from(v);
+                    }
+                }
+                let means: Vec<f64> = sums
+                    .chunks_exact(per_group)
+                    .map(|g| g.iter().sum::<f64>() / count)
+                    .collect();
+                let channel_mean: Vec<f64> = (0..channels).map(|c| means[c / per_group]).collect();
+                let mut spread = vec![0f64; channels];
+                for row in xs.chunks_exact(channels) {
+                    for ((s, &v), &m) in spread.iter_mut().zip(row).zip(&channel_mean) {
+                        *s += (f64::from(v) - m).powi(2);
+                    }
+                }
+                let stats: Vec<(f32, f32)> = spread
+                    .chunks_exact(per_group)
+                    .zip(&means)
+                    .map(|(g, &m)| {
+                        let var = g.iter().sum::<f64>() / count;
+                        (m as f32, (1.0 / (var + self.eps).sqrt()) as f32)
+                    })
+                    .collect();
+                let scale: Vec<f32> = (0..channels)
+                    .map(|c| stats[c / per_group].1 * w[c])
+                    .collect();
+                let shift: Vec<f32> = (0..channels)
+                    .map(|c| b[c] - stats[c / per_group].0 * scale[c])
+                    .collect();
+                for (yr, xr) in ys.chunks_exact_mut(channels).zip(xs.chunks_exact(channels)) {
+                    for (((o, &v), &k), &sh) in yr.iter_mut().zip(xr).zip(&scale).zip(&shift) {
+                        *o = act(v * k + sh, self.silu);
+                    }
+                }
+                stats
+            })
+            .collect();
+        (y, stats.concat())
+    }
+
+    /// [`Self::backward_nchw`] for `[N, ..., C]` data, one task per sample.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_nhwc(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        dy: &[f32],
+        saved: &[(f32, f32)],
+        channels: usize,
+        dx: &mut [f32],
+    ) -> Vec<[f64; 2]> {
+        let per_group = channels / self.groups;
+        let sample = x.len() / (saved.len() / self.groups);
+        let count = (sample / self.groups) as f64;
+        let per_sample: Vec<Vec<[f64; 2]>> = dx
+            .par_chunks_mut(sample)
+            .zip(x.par_chunks(sample).zip(dy.par_chunks(sample)))
+            .enumerate()
+            .map(|(n, (gs, (xs, dys)))| {
+                let stats = &saved[n * self.groups..][..self.groups];
+                let mean: Vec<f32> = (0..channels).map(|c| stats[c / per_group].0).collect();
+                let inv: Vec<f32> = (0..channels).map(|c| stats[c / per_group].1).collect();
+                // g through the activation, left in `gs`; per-channel sums.
+                let mut sums = vec![[0f64; 2]; channels];
+                for ((gr, xr), dr) in gs
+                    .chunks_exact_mut(channels)
+                    .zip(xs.chunks_exact(channels))
+                    .zip(dys.chunks_exact(channels))
+                {
+                    for (c, ((g, &v), &d)) in gr.iter_mut().zip(xr).zip(dr).enumerate() {
+                        let xhat = (v - mean[c]) * inv[c];
+                        *g = act_grad(xhat * w[c] + b[c], d, self.silu);
+                        sums[c][0] += f64::from(*g);
+                        sums[c][1] += f64::from(*g) * f64::from(xhat);
+                    }
+                }
+                // dx = inv_std (g w - mean(g w) - xhat mean(g w xhat)), means per group.
+                let mut m = vec![[0f64; 2]; self.groups];
+                for (c, s) in sums.iter().enumerate() {
+                    m[c / per_group][0] += f64::from(w[c]) * s[0];
+                    m[c / per_group][1] += f64::from(w[c]) * s[1];
+                }
+                let m1: Vec<f32> = (0..channels)
+                    .map(|c| (m[c / per_group][0] / count) as f32)
+                    .collect();
+                let m2: Vec<f32> = (0..channels)
+                    .map(|c| (m[c / per_group][1] / count) as f32)
+                    .collect();
+                for (gr, xr) in gs.chunks_exact_mut(channels).zip(xs.chunks_exact(channels)) {
+                    for (c, (g, &v)) in gr.iter_mut().zip(xr).enumerate() {
+                        let xhat = (v - mean[c]) * inv[c];
+                        *g = inv[c] * (*g * w[c] - m1[c] - xhat * m2[c]);
+                    }
+                }
+                sums
+            })
+            .collect();
+        per_sample.concat()
     }
 }
 
@@ -232,7 +397,7 @@ pub fn group_norm(
     bias: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
-    group_norm_in(x, groups, weight, bias, eps, false)
+    group_norm_in(x, groups, weight, bias, eps, false, false)
 }
 
 /// `silu(group_norm(x))` in one op: [`group_norm`] followed by `v * sigmoid(v)`.
@@ -243,7 +408,29 @@ pub fn group_norm_silu(
     bias: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
-    group_norm_in(x, groups, weight, bias, eps, true)
+    group_norm_in(x, groups, weight, bias, eps, true, false)
+}
+
+/// [`group_norm`] with the channels last: `x` is `[N, ..., C]` (NHWC images).
+pub fn group_norm_nhwc(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    group_norm_in(x, groups, weight, bias, eps, false, true)
+}
+
+/// [`group_norm_silu`] with the channels last: `x` is `[N, ..., C]` (NHWC images).
+pub fn group_norm_silu_nhwc(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    group_norm_in(x, groups, weight, bias, eps, true, true)
 }
 
 fn group_norm_in(
@@ -253,14 +440,16 @@ fn group_norm_in(
     bias: &Tensor,
     eps: f64,
     silu: bool,
+    nhwc: bool,
 ) -> candle_core::Result<Tensor> {
-    let what = if silu {
-        "group_norm_silu"
-    } else {
-        "group_norm"
+    let what = match (silu, nhwc) {
+        (false, false) => "group_norm",
+        (true, false) => "group_norm_silu",
+        (false, true) => "group_norm_nhwc",
+        (true, true) => "group_norm_silu_nhwc",
     };
     let channels =
-        crate::norm::per_channel_dims(what, x, ("weight and bias [C]", weight, bias), false)?;
+        crate::norm::per_channel_dims(what, x, ("weight and bias [C]", weight, bias), nhwc)?;
     crate::norm::check_eps(what, eps)?;
     if groups == 0 || channels % groups != 0 {
         candle_core::bail!("{what}: {channels} channels do not split into {groups} groups");
@@ -269,6 +458,7 @@ fn group_norm_in(
         groups,
         eps,
         silu,
+        nhwc,
         saved: Arc::new(OnceLock::new()),
     };
     x.contiguous()?

@@ -62,7 +62,9 @@ mod matmul;
 mod norm;
 mod winograd;
 
-pub use group_norm::{group_norm, group_norm_silu, group_norm_supports};
+pub use group_norm::{
+    group_norm, group_norm_nhwc, group_norm_silu, group_norm_silu_nhwc, group_norm_supports,
+};
 pub use norm::{
     BatchStats, add_per_image_nhwc, relu_batch_norm, relu_batch_norm_eval,
     relu_batch_norm_eval_nhwc, relu_batch_norm_nhwc, relu_batch_norm_supports, relu_channel_affine,

@@ -300,8 +300,10 @@ fn results_do_not_depend_on_the_thread_count() {
                 let (nh, _) = ddpm_kernels::relu_batch_norm_nhwc(&yh, &bias, &bias, 1e-5).unwrap();
                 let eh = ddpm_kernels::relu_channel_affine_nhwc(&nh, &bias, &bias).unwrap();
                 let ah = ddpm_kernels::add_per_image_nhwc(&eh, &v).unwrap();
+                let gh = ddpm_kernels::group_norm_silu_nhwc(&ah, 1, &bias, &bias, 1e-5).unwrap();
+                let gh = ddpm_kernels::group_norm_nhwc(&gh, co, &bias, &bias, 1e-5).unwrap();
                 let loss = (loss
-                    + (&ah * &yh).unwrap().sum_all().unwrap()
+                    + (&gh * &yh).unwrap().sum_all().unwrap()
                     + (&zh * &zh).unwrap().sum_all().unwrap())
                 .unwrap();
                 let grads = loss.backward().unwrap();
@@ -313,6 +315,7 @@ fn results_do_not_depend_on_the_thread_count() {
                     &g1,
                     &gc,
                     &ah,
+                    &gh,
                     &zh,
                     x.as_tensor(),
                     w.as_tensor(),

@@ -1,5 +1,5 @@
-//! `group_norm` and `group_norm_silu` against candle-nn's `GroupNorm` (and candle's `silu`)
-//! computed in f64: output and all three gradients, on odd shapes, batch 1, one group, one
+//! `group_norm` and `group_norm_silu`, and their channels-last forms, against candle-nn's
+//! `GroupNorm` (and candle's `silu`) computed in f64: output and all three gradients, on odd shapes, batch 1, one group, one
 //! channel per group, and rank 2, 3 and 4 inputs. Tolerance: 1e-4 relative to the largest
 //! value (f32 against f64).
 
@@ -87,15 +87,35 @@ fn group_norm_matches_candle_nn() {
                 &f64_of(&b),
                 &f64_of(&probe),
             );
-            for (name, (a, r)) in ["output", "dx", "dweight", "dbias"]
-                .iter()
-                .zip(ours.iter().zip(&reference))
-            {
-                close(
-                    &format!("{what} {name}"),
-                    a,
-                    &r.to_dtype(DType::F32).unwrap(),
-                );
+            // Channels last: dimension 1 swapped with the last (any order of the positions is
+            // a valid channels-last layout), and the output and dx swapped back.
+            let last = |t: &Tensor| t.transpose(1, t.rank() - 1).unwrap().contiguous().unwrap();
+            let mut ours_nhwc = run(
+                |x, w, b| {
+                    if silu {
+                        ddpm_kernels::group_norm_silu_nhwc(x, groups, w, b, 1e-5).unwrap()
+                    } else {
+                        ddpm_kernels::group_norm_nhwc(x, groups, w, b, 1e-5).unwrap()
+                    }
+                },
+                &last(&x),
+                &w,
+                &b,
+                &last(&probe),
+            );
+            ours_nhwc[0] = last(&ours_nhwc[0]);
+            ours_nhwc[1] = last(&ours_nhwc[1]);
+            for (layout, ours) in [("NCHW", &ours), ("NHWC", &ours_nhwc)] {
+                for (name, (a, r)) in ["output", "dx", "dweight", "dbias"]
+                    .iter()
+                    .zip(ours.iter().zip(&reference))
+                {
+                    close(
+                        &format!("{what} {layout} {name}"),
+                        a,
+                        &r.to_dtype(DType::F32).unwrap(),
+                    );
+                }
             }
         }
     }
@@ -126,4 +146,10 @@ fn group_norm_rejects_bad_inputs() {
     let empty = Tensor::zeros((0, 6, 4, 4), DType::F32, &Device::Cpu).unwrap();
     let e = err(ddpm_kernels::group_norm(&empty, 3, &w, &w, 1e-5));
     assert!(e.contains("holds no values"), "{e}");
+    // Channels last: C is the last dimension (4 here).
+    let e = err(ddpm_kernels::group_norm_silu_nhwc(&x, 3, &w, &w, 1e-5));
+    assert!(e.contains("group_norm_silu_nhwc takes x [..., C]"), "{e}");
+    let w4 = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+    let e = err(ddpm_kernels::group_norm_nhwc(&x, 3, &w4, &w4, 1e-5));
+    assert!(e.contains("4 channels do not split into 3 groups"), "{e}");
 }

@@ -95,7 +95,14 @@ impl Dropout {
         Ok(Self { p, id })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+    /// Drops from `x`; with `nhwc` (`x` `[B, H, W, C]`) the mask is the one `[B, C, H, W]`
+    /// would get, moved channels-last, so both layouts drop the same units.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        mode: Mode,
+        nhwc: bool,
+    ) -> candle_core::Result<Tensor> {
         let Mode::Train { seed } = mode else {
             return Ok(x.clone());
         };
@@ -114,8 +121,13 @@ impl Dropout {
                 }
             })
             .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+        let mask = if nhwc {
+            let (b, h, w, c) = x.dims4()?;
+            Tensor::from_vec(mask, (b, c, h, w), x.device())?.permute((0, 2, 3, 1))?
+        } else {
+            Tensor::from_vec(mask, x.shape(), x.device())?
+        };
+        x.mul(&mask.to_dtype(x.dtype())?)
     }
 }
 
@@ -163,16 +175,22 @@ impl SpatialAttention {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+    /// `x` is `[B, C, H, W]`, or `[B, H, W, C]` with `nhwc`.
+    pub(crate) fn forward(&self, x: &Tensor, nhwc: bool) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = if nhwc {
+            let (b, h, w, c) = x.dims4()?;
+            (b, c, h, w)
+        } else {
+            x.dims4()?
+        };
         let n = h * w;
-        // [B, C, H, W] -> [B, HW, C]
-        let hs = self
-            .group_norm
-            .forward(x)?
-            .reshape((b, c, n))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        // -> [B, HW, C]
+        let normed = self.group_norm.forward(x, nhwc)?;
+        let hs = if nhwc {
+            normed.reshape((b, n, c))?
+        } else {
+            normed.reshape((b, c, n))?.transpose(1, 2)?.contiguous()?
+        };
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((b, n, self.heads, self.head_dim))?
                 .transpose(1, 2)?
@@ -189,11 +207,12 @@ impl SpatialAttention {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?;
-        let out = self
-            .to_out
-            .forward(&out)?
-            .transpose(1, 2)?
-            .reshape((b, c, h, w))?;
+        let out = self.to_out.forward(&out)?;
+        let out = if nhwc {
+            out.reshape((b, h, w, c))?
+        } else {
+            out.transpose(1, 2)?.reshape((b, c, h, w))?
+        };
         let out = (out + x)?;
         if self.rescale_output_factor == 1.0 {
             Ok(out)
@@ -215,9 +234,11 @@ pub(crate) struct GroupNorm {
 }
 
 impl GroupNorm {
-    /// The normalised `x` `[N, C, H, W]`.
-    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if ddpm_kernels::group_norm_supports(x) {
+    /// The normalised `x` `[N, C, H, W]`, or `[N, H, W, C]` with `nhwc` (CPU f32 only).
+    pub(crate) fn forward(&self, x: &Tensor, nhwc: bool) -> candle_core::Result<Tensor> {
+        if nhwc {
+            ddpm_kernels::group_norm_nhwc(x, self.groups, &self.weight, &self.bias, self.eps)
+        } else if ddpm_kernels::group_norm_supports(x) {
             ddpm_kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps)
         } else {
             self.candle.forward(x)
@@ -225,8 +246,10 @@ impl GroupNorm {
     }
 
     /// `silu(self.forward(x))`, in one pass where the fused op runs.
-    pub(crate) fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if ddpm_kernels::group_norm_supports(x) {
+    pub(crate) fn forward_silu(&self, x: &Tensor, nhwc: bool) -> candle_core::Result<Tensor> {
+        if nhwc {
+            ddpm_kernels::group_norm_silu_nhwc(x, self.groups, &self.weight, &self.bias, self.eps)
+        } else if ddpm_kernels::group_norm_supports(x) {
             ddpm_kernels::group_norm_silu(x, self.groups, &self.weight, &self.bias, self.eps)
         } else {
             self.candle.forward(x)?.silu()
@@ -319,6 +342,15 @@ impl Conv {
                     && cfg.dilation == 1
                     && cfg.output_padding == 0
             }
+        }
+    }
+
+    /// [`Conv::forward_nhwc`] with `nhwc`, else the layer on `[B, C, H, W]`.
+    pub(crate) fn forward_in(&self, x: &Tensor, nhwc: bool) -> candle_core::Result<Tensor> {
+        if nhwc {
+            self.forward_nhwc(x)
+        } else {
+            self.forward(x)
         }
     }
 

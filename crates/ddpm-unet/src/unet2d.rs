@@ -229,6 +229,21 @@ impl Unet2dConfig {
         }
     }
 
+    /// The default training recipe's model, for 1-channel 16x16 digits: channels 32, 64, 64,
+    /// one resnet per block, no attention, 8 groups per GroupNorm.
+    pub fn mnist_16() -> Self {
+        use DownBlockType::*;
+        use UpBlockType::*;
+        Self {
+            sample_size: Some(16),
+            down_block_types: vec![DownBlock2D, DownBlock2D, DownBlock2D],
+            up_block_types: vec![UpBlock2D, UpBlock2D, UpBlock2D],
+            block_out_channels: vec![32, 64, 64],
+            add_attention: false,
+            ..Self::mnist()
+        }
+    }
+
     /// Checks every value this port supports, naming the first that it does not.
     pub fn validate(&self) -> candle_core::Result<()> {
         let n = self.block_out_channels.len();
@@ -389,18 +404,29 @@ impl ResnetBlock2D {
         })
     }
 
-    fn forward(&self, x: &Tensor, temb: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        let t = self
-            .time_emb_proj
-            .forward(&temb.silu()?)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.norm2.forward_silu(&h)?;
-        let h = self.conv2.forward(&self.dropout.forward(&h, mode)?)?;
+    /// `x` is `[B, C, H, W]`, or `[B, H, W, C]` with `nhwc`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        mode: Mode,
+        nhwc: bool,
+    ) -> candle_core::Result<Tensor> {
+        let h = self
+            .conv1
+            .forward_in(&self.norm1.forward_silu(x, nhwc)?, nhwc)?;
+        let t = self.time_emb_proj.forward(&temb.silu()?)?;
+        let h = if nhwc {
+            ddpm_kernels::add_per_image_nhwc(&h, &t)?
+        } else {
+            h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?
+        };
+        let h = self.norm2.forward_silu(&h, nhwc)?;
+        let h = self
+            .conv2
+            .forward_in(&self.dropout.forward(&h, mode, nhwc)?, nhwc)?;
         let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
+            Some(c) => c.forward_in(x, nhwc)?,
             None => x.clone(),
         };
         let out = (shortcut + h)?;
@@ -428,12 +454,13 @@ impl Downsample2D {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, nhwc: bool) -> candle_core::Result<Tensor> {
         if self.pad_right_bottom {
-            let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-            self.conv.forward(&x)
+            let (h_dim, w_dim) = if nhwc { (1, 2) } else { (2, 3) };
+            let x = x.pad_with_zeros(w_dim, 0, 1)?.pad_with_zeros(h_dim, 0, 1)?;
+            self.conv.forward_in(&x, nhwc)
         } else {
-            self.conv.forward(x)
+            self.conv.forward_in(x, nhwc)
         }
     }
 }
@@ -451,7 +478,16 @@ impl Upsample2D {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, nhwc: bool) -> candle_core::Result<Tensor> {
+        if nhwc {
+            // Nearest 2x channels-last: each position repeated over a 2x2 square.
+            let (b, h, w, c) = x.dims4()?;
+            let up = x
+                .reshape((b, h, 1, w, 1, c))?
+                .broadcast_as((b, h, 2, w, 2, c))?
+                .reshape((b, 2 * h, 2 * w, c))?;
+            return self.conv.forward_nhwc(&up);
+        }
         let (_, _, h, w) = x.dims4()?;
         self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
     }
@@ -528,17 +564,18 @@ impl DownBlock {
         temb: &Tensor,
         mode: Mode,
         skips: &mut Vec<Tensor>,
+        nhwc: bool,
     ) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, temb, mode)?;
+            h = resnet.forward(&h, temb, mode, nhwc)?;
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h)?;
+                h = attn.forward(&h, nhwc)?;
             }
             skips.push(h.clone());
         }
         if let Some(down) = &self.downsampler {
-            h = down.forward(&h)?;
+            h = down.forward(&h, nhwc)?;
             skips.push(h.clone());
         }
         Ok(h)
@@ -560,19 +597,21 @@ impl UpBlock {
         temb: &Tensor,
         mode: Mode,
         skips: &mut Vec<Tensor>,
+        nhwc: bool,
     ) -> candle_core::Result<Tensor> {
+        let channels = if nhwc { 3 } else { 1 };
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = skips
                 .pop()
                 .expect("one skip per resnet, checked at construction");
-            h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, temb, mode)?;
+            h = resnet.forward(&Tensor::cat(&[&h, &skip], channels)?, temb, mode, nhwc)?;
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h)?;
+                h = attn.forward(&h, nhwc)?;
             }
         }
         if let Some(up) = &self.upsampler {
-            h = up.forward(&h)?;
+            h = up.forward(&h, nhwc)?;
         }
         Ok(h)
     }
@@ -775,22 +814,37 @@ impl Unet2d {
             .time_embedding
             .forward(&timestep_embedding(&t, &sin)?.to_dtype(x.dtype())?)?;
 
-        let mut h = self.conv_in.forward(&x)?;
+        // Every convolution of the model is a plain one with the same weights' dtype and
+        // device as `conv_in`, so where it runs channels-last, they all do.
+        let nhwc = self.conv_in.runs_nhwc(&x) && ddpm_kernels::group_norm_supports(&x);
+        let mut h = if nhwc {
+            let x = x.permute((0, 2, 3, 1))?.contiguous()?;
+            self.conv_in.forward_nhwc(&x)?
+        } else {
+            self.conv_in.forward(&x)?
+        };
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
-            h = block.forward(&h, &temb, mode, &mut skips)?;
+            h = block.forward(&h, &temb, mode, &mut skips, nhwc)?;
         }
         if let Some(mid) = &self.mid_block {
-            h = mid.first.forward(&h, &temb, mode)?;
+            h = mid.first.forward(&h, &temb, mode, nhwc)?;
             if let Some(attn) = &mid.attention {
-                h = attn.forward(&h)?;
+                h = attn.forward(&h, nhwc)?;
             }
-            h = mid.second.forward(&h, &temb, mode)?;
+            h = mid.second.forward(&h, &temb, mode, nhwc)?;
         }
         for block in &self.up_blocks {
-            h = block.forward(&h, &temb, mode, &mut skips)?;
+            h = block.forward(&h, &temb, mode, &mut skips, nhwc)?;
         }
-        let h = self.conv_norm_out.forward_silu(&h)?;
-        self.conv_out.forward(&h)
+        let h = self.conv_norm_out.forward_silu(&h, nhwc)?;
+        if nhwc {
+            self.conv_out
+                .forward_nhwc(&h)?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
+        } else {
+            self.conv_out.forward(&h)
+        }
     }
 }
