@@ -50,7 +50,8 @@ pub struct TrainArgs {
     /// The starting recipe: mnist (the default for the embedded digits), seed, tiny.
     #[arg(long, default_value = "mnist")]
     pub recipe: String,
-    /// The model: a preset (seed, seed-small, seed-tiny, ddpm-cifar10, mnist) or a config.json.
+    /// The model: a preset (seed, seed-small, seed-tiny, ddpm-cifar10, mnist, mnist-16) or a
+    /// config.json.
     #[arg(long)]
     pub model: Option<String>,
     /// The noise schedule preset (seed-linear, ddpm-linear, cosine, scaled-linear, sigmoid).
@@ -122,7 +123,7 @@ pub struct TrainArgs {
     /// The sampler of the sample grids and the quality report (the mnist recipe: ddpm).
     #[arg(long, value_enum)]
     pub sampler: Option<crate::sample::SamplerArg>,
-    /// Sampling steps for the sample grids and the quality report (the mnist recipe: 250).
+    /// Sampling steps for the sample grids and the quality report (the mnist recipe: 100).
     #[arg(long)]
     pub sample_steps: Option<usize>,
     /// No progress bar.

@@ -89,7 +89,14 @@ pub enum UnetConfig {
 }
 
 /// The preset names [`UnetConfig::preset`] accepts.
-pub const PRESETS: [&str; 5] = ["seed", "seed-small", "seed-tiny", "ddpm-cifar10", "mnist"];
+pub const PRESETS: [&str; 6] = [
+    "seed",
+    "seed-small",
+    "seed-tiny",
+    "ddpm-cifar10",
+    "mnist",
+    "mnist-16",
+];
 
 impl UnetConfig {
     /// A named preset:
@@ -97,7 +104,8 @@ impl UnetConfig {
     /// - `seed-small`: `SimpleUnet` with channels 32, 64, 128, 256 for 1-channel 32x32 digits;
     /// - `seed-tiny`: `SimpleUnet` with channels 16, 32, 64 (for tests and examples);
     /// - `ddpm-cifar10`: `google/ddpm-cifar10-32`'s `UNet2DModel` (35.7M parameters);
-    /// - `mnist`: a small `UNet2DModel` for 1-channel 32x32 digits.
+    /// - `mnist`: a small `UNet2DModel` for 1-channel 32x32 digits;
+    /// - `mnist-16`: a smaller one for 16x16 digits, the default training recipe's.
     pub fn preset(name: &str) -> candle_core::Result<Self> {
         Ok(match name {
             "seed" => Self::Simple(SimpleUnetConfig::seed()),
@@ -105,6 +113,7 @@ impl UnetConfig {
             "seed-tiny" => Self::Simple(SimpleUnetConfig::with_channels(1, &[16, 32, 64])),
             "ddpm-cifar10" => Self::Unet2d(Unet2dConfig::ddpm_cifar10()),
             "mnist" => Self::Unet2d(Unet2dConfig::mnist()),
+            "mnist-16" => Self::Unet2d(Unet2dConfig::mnist_16()),
             other => candle_core::bail!(
                 "unknown model preset {other:?} (known: {})",
                 PRESETS.join(", ")

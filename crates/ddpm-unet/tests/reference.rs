@@ -127,24 +127,28 @@ fn seed_default_has_the_seeds_parameter_count() {
 }
 
 #[test]
-fn mnist_preset_builds_and_runs() {
-    let config = UnetConfig::preset("mnist").unwrap();
-    let varmap = VarMap::new();
-    let unet = Unet::new(
-        &config,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
-    ddpm_unet::init_seeded(&varmap, 1).unwrap();
-    let x = Tensor::ones((2, 1, 32, 32), DType::F32, &Device::Cpu).unwrap();
-    let t = Tensor::new(&[0u32, 299], &Device::Cpu).unwrap();
-    let out = unet.forward_t(&x, &t, Mode::Eval).unwrap();
-    assert_eq!(out.dims(), &[2, 1, 32, 32]);
-    assert!(flat(&out).iter().all(|v| v.is_finite()));
-    let n = count_parameters(&ddpm_unet::varmap_tensors(&varmap));
-    assert!(
-        (1_000_000..3_000_000).contains(&n),
-        "mnist preset has {n} parameters"
-    );
+fn mnist_presets_build_and_run() {
+    // mnist-16's count is diffusers' `UNet2DModel(**config)` parameter count for the same
+    // config (diffusers 0.42.1).
+    for (name, size, params) in [
+        ("mnist", 32, 1_000_000..3_000_000),
+        ("mnist-16", 16, 1_045_729..1_045_730),
+    ] {
+        let config = UnetConfig::preset(name).unwrap();
+        let varmap = VarMap::new();
+        let unet = Unet::new(
+            &config,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        ddpm_unet::init_seeded(&varmap, 1).unwrap();
+        let x = Tensor::ones((2, 1, size, size), DType::F32, &Device::Cpu).unwrap();
+        let t = Tensor::new(&[0u32, 299], &Device::Cpu).unwrap();
+        let out = unet.forward_t(&x, &t, Mode::Eval).unwrap();
+        assert_eq!(out.dims(), &[2, 1, size, size]);
+        assert!(flat(&out).iter().all(|v| v.is_finite()));
+        let n = count_parameters(&ddpm_unet::varmap_tensors(&varmap));
+        assert!(params.contains(&n), "{name} preset has {n} parameters");
+    }
     let _ = Unet2dConfig::mnist();
 }
