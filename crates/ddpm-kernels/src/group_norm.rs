@@ -84,42 +84,11 @@ impl CustomOp3 for GroupNorm {
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
-        if self.nhwc {
-            let (y, stats) = self.forward_nhwc(x, w, b, channels, hw);
-            if self.saved.set(stats).is_err() {
-                candle_core::bail!("group-norm: an op value runs forward once");
-            }
-            return Ok((CpuStorage::F32(y), l1.shape().clone()));
-        }
-        let per_group = channels / self.groups;
-        let slab = per_group * hw;
-        let mut y = vec![0f32; x.len()];
-        let stats: Vec<(f32, f32)> = y
-            .par_chunks_mut(slab)
-            .zip(x.par_chunks(slab))
-            .enumerate()
-            .map(|(i, (ys, xs))| {
-                let count = xs.len() as f64;
-                // Two passes in f64: the mean, then the spread around it.
-                let mean = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / count;
-                let var = xs
-                    .iter()
-                    .map(|&v| (f64::from(v) - mean).powi(2))
-                    .sum::<f64>()
-                    / count;
-                let inv_std = (1.0 / (var + self.eps).sqrt()) as f32;
-                let mean = mean as f32;
-                let c0 = (i % self.groups) * per_group;
-                for (j, (yc, xc)) in ys.chunks_exact_mut(hw).zip(xs.chunks_exact(hw)).enumerate() {
-                    let k = inv_std * w[c0 + j];
-                    let shift = b[c0 + j] - mean * k;
-                    for (o, &v) in yc.iter_mut().zip(xc) {
-                        *o = act(v * k + shift, self.silu);
-                    }
-                }
-                (mean, inv_std)
-            })
-            .collect();
+        let (y, stats) = if self.nhwc {
+            self.forward_nhwc(x, w, b, channels, hw)
+        } else {
+            self.forward_nchw(x, w, b, channels, hw)
+        };
         if self.saved.set(stats).is_err() {
             candle_core::bail!("group-norm: an op value runs forward once");
         }
@@ -255,6 +224,48 @@ impl GroupNorm {
                 }
             });
         sums
+    }
+
+    /// The forward pass on `[N, C, ...]` data, one task per `(sample, group)` slab: the
+    /// output and the per-slab mean and `1 / sqrt(var + eps)`.
+    fn forward_nchw(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        channels: usize,
+        hw: usize,
+    ) -> (Vec<f32>, Vec<(f32, f32)>) {
+        let per_group = channels / self.groups;
+        let slab = per_group * hw;
+        let mut y = vec![0f32; x.len()];
+        let stats: Vec<(f32, f32)> = y
+            .par_chunks_mut(slab)
+            .zip(x.par_chunks(slab))
+            .enumerate()
+            .map(|(i, (ys, xs))| {
+                let count = xs.len() as f64;
+                // Two passes in f64: the mean, then the spread around it.
+                let mean = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / count;
+                let var = xs
+                    .iter()
+                    .map(|&v| (f64::from(v) - mean).powi(2))
+                    .sum::<f64>()
+                    / count;
+                let inv_std = (1.0 / (var + self.eps).sqrt()) as f32;
+                let mean = mean as f32;
+                let c0 = (i % self.groups) * per_group;
+                for (j, (yc, xc)) in ys.chunks_exact_mut(hw).zip(xs.chunks_exact(hw)).enumerate() {
+                    let k = inv_std * w[c0 + j];
+                    let shift = b[c0 + j] - mean * k;
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = act(v * k + shift, self.silu);
+                    }
+                }
+                (mean, inv_std)
+            })
+            .collect();
+        (y, stats)
     }
 
     /// The forward pass on `[N, ..., C]` data, one task per sample: the output and the
