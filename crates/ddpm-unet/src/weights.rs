@@ -207,7 +207,10 @@ pub fn init_seeded(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
 }
 
 /// Writes `tensors` to a safetensors file with `metadata` (e.g. `format: pt`, which diffusers
-/// and transformers expect), through a temporary file renamed into place.
+/// and transformers expect), through a temporary file renamed into place. The file takes the
+/// usual permissions of a new file (`0666` less the umask): safetensors' own
+/// `serialize_to_file` writes through a private (`0600`) temporary file, which left exported
+/// models unreadable to other users.
 pub fn write_safetensors(
     tensors: &HashMap<String, Tensor>,
     metadata: Option<HashMap<String, String>>,
@@ -218,13 +221,14 @@ pub fn write_safetensors(
         .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
     views.sort_by(|a, b| a.0.cmp(&b.0));
+    let bytes =
+        safetensors::tensor::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), metadata)
+            .map_err(|e| candle_core::Error::Msg(format!("serializing {}: {e}", path.display())))?;
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::tensor::serialize_to_file(
-        views.iter().map(|(k, t)| (k.as_str(), t)),
-        metadata,
-        &tmp,
-    )
-    .map_err(|e| candle_core::Error::Msg(format!("writing {}: {e}", tmp.display())))?;
+    std::fs::write(&tmp, bytes).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        candle_core::Error::Msg(format!("writing {}: {e}", tmp.display()))
+    })?;
     std::fs::rename(&tmp, path).map_err(|e| {
         candle_core::Error::Msg(format!(
             "renaming {} to {}: {e}",

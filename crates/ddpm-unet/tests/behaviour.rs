@@ -317,6 +317,21 @@ fn save_pretrained_round_trips_exactly() {
                 .join("diffusion_pytorch_model.safetensors.tmp")
                 .exists()
         );
+        // The weights take a new file's usual permissions, like the config beside them (not
+        // the 0600 of a private temporary file), so others can read an exported model.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |name: &str| {
+                let meta = std::fs::metadata(path.join(name)).unwrap();
+                meta.permissions().mode() & 0o777
+            };
+            assert_eq!(
+                mode("diffusion_pytorch_model.safetensors"),
+                mode("config.json"),
+                "weights and config modes"
+            );
+        }
     }
 }
 
