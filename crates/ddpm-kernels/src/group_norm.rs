@@ -394,7 +394,7 @@ impl GroupNorm {
 
 /// Whether [`group_norm`] runs on `x`: f32 on the CPU.
 pub fn group_norm_supports(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    crate::relu_batch_norm_supports(x)
 }
 
 /// GroupNorm (Wu and He 2018) as PyTorch's `nn.GroupNorm`: the channels (dimension 1) of

@@ -230,10 +230,16 @@ pub(crate) struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
-    candle: candle_nn::GroupNorm,
 }
 
 impl GroupNorm {
+    /// candle-nn's GroupNorm over the same weights, for the devices and dtypes the fused op
+    /// does not run on.
+    fn candle(&self) -> candle_core::Result<candle_nn::GroupNorm> {
+        let (w, b) = (self.weight.clone(), self.bias.clone());
+        candle_nn::GroupNorm::new(w, b, self.weight.dim(0)?, self.groups, self.eps)
+    }
+
     /// The normalised `x` `[N, C, H, W]`, or `[N, H, W, C]` with `nhwc` (CPU f32 only).
     pub(crate) fn forward(&self, x: &Tensor, nhwc: bool) -> candle_core::Result<Tensor> {
         if nhwc {
@@ -241,7 +247,7 @@ impl GroupNorm {
         } else if ddpm_kernels::group_norm_supports(x) {
             ddpm_kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps)
         } else {
-            self.candle.forward(x)
+            self.candle()?.forward(x)
         }
     }
 
@@ -252,7 +258,7 @@ impl GroupNorm {
         } else if ddpm_kernels::group_norm_supports(x) {
             ddpm_kernels::group_norm_silu(x, self.groups, &self.weight, &self.bias, self.eps)
         } else {
-            self.candle.forward(x)?.silu()
+            self.candle()?.forward(x)?.silu()
         }
     }
 }
@@ -270,7 +276,6 @@ pub(crate) fn group_norm(
     let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
     let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
     Ok(GroupNorm {
-        candle: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
         weight,
         bias,
         groups,
@@ -352,6 +357,18 @@ impl Conv {
         } else {
             self.forward(x)
         }
+    }
+
+    /// A model's first layer: NCHW `x` in, channels-last out ([`Conv::forward_nhwc`] on `x`
+    /// moved channels-last).
+    pub(crate) fn forward_into_nhwc(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_nhwc(&x.permute((0, 2, 3, 1))?.contiguous()?)
+    }
+
+    /// A model's last layer: channels-last `x` in, NCHW out ([`Conv::forward_nhwc`] with its
+    /// output moved back).
+    pub(crate) fn forward_out_of_nhwc(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_nhwc(x)?.permute((0, 3, 1, 2))?.contiguous()
     }
 
     /// The layer on channels-last `x` `[B, H, W, C]`, giving `[B, H_out, W_out, C_out]`; an

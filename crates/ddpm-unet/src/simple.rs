@@ -243,8 +243,7 @@ impl SimpleUnet {
         let nhwc = [&self.conv0, &self.output].iter().all(|c| c.runs_nhwc(x))
             && self.downs.iter().chain(&self.ups).all(|b| b.runs_nhwc(x));
         let (mut x, channels) = if nhwc {
-            let x = x.permute((0, 2, 3, 1))?.contiguous()?;
-            (self.conv0.forward_nhwc(&x)?, 3)
+            (self.conv0.forward_into_nhwc(x)?, 3)
         } else {
             (self.conv0.forward(x)?, 1)
         };
@@ -259,10 +258,7 @@ impl SimpleUnet {
             x = up.forward(&x, &t, train, nhwc)?;
         }
         if nhwc {
-            self.output
-                .forward_nhwc(&x)?
-                .permute((0, 3, 1, 2))?
-                .contiguous()
+            self.output.forward_out_of_nhwc(&x)
         } else {
             self.output.forward(&x)
         }

@@ -818,8 +818,7 @@ impl Unet2d {
         // device as `conv_in`, so where it runs channels-last, they all do.
         let nhwc = self.conv_in.runs_nhwc(&x) && ddpm_kernels::group_norm_supports(&x);
         let mut h = if nhwc {
-            let x = x.permute((0, 2, 3, 1))?.contiguous()?;
-            self.conv_in.forward_nhwc(&x)?
+            self.conv_in.forward_into_nhwc(&x)?
         } else {
             self.conv_in.forward(&x)?
         };
@@ -839,10 +838,7 @@ impl Unet2d {
         }
         let h = self.conv_norm_out.forward_silu(&h, nhwc)?;
         if nhwc {
-            self.conv_out
-                .forward_nhwc(&h)?
-                .permute((0, 3, 1, 2))?
-                .contiguous()
+            self.conv_out.forward_out_of_nhwc(&h)
         } else {
             self.conv_out.forward(&h)
         }
