@@ -41,12 +41,50 @@ fn dims_of(dims: &[usize], nhwc: bool) -> (usize, usize) {
     }
 }
 
-/// `silu(a)`, or `a`.
-fn act(a: f32, silu: bool) -> f32 {
-    if silu { a * sigmoid(a) } else { a }
+/// `e^v` in f32 with no call into libm, so that loops over it vectorize (libm's `expf`
+/// is one call per element): `v = n ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` by Cephes'
+/// `expf` polynomial, `2^n` written into the exponent bits. Within a few ulp of the exact
+/// value; arguments are clamped to [-87, 88], where `2^n` stays a normal number (a sigmoid
+/// needs no more). NaN stays NaN.
+#[inline(always)]
+fn exp(v: f32) -> f32 {
+    // 1.5 * 2^23: adding it rounds to an integer, which its low mantissa bits then hold.
+    const ROUND: f32 = 12_582_912.0;
+    let v = if v > 88.0 { 88.0 } else { v };
+    let v = if v < -87.0 { -87.0 } else { v };
+    let t = v * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // ln 2 in two parts (Cody and Waite), so that `n * LN2_HI` is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let r = v - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    let two_n = (t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23;
+    er * f32::from_bits(two_n)
 }
 
-/// The gradient at the norm's output `a` for the gradient `d` after the activation.
+#[inline(always)]
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + exp(-v))
+}
+
+/// `a <- silu(a)` over a row.
+#[inline(always)]
+fn silu_in_place(row: &mut [f32]) {
+    for a in row {
+        *a *= sigmoid(*a);
+    }
+}
+
+/// The gradient at the norm's output, `a = xhat * w + b`, for the gradient `d` after the
+/// activation: `d`, or through the SiLU `d s (1 + a (1 - s))`, `s = sigmoid(a)`.
+#[inline(always)]
 fn act_grad(a: f32, d: f32, silu: bool) -> f32 {
     if silu {
         let s = sigmoid(a);
@@ -54,10 +92,6 @@ fn act_grad(a: f32, d: f32, silu: bool) -> f32 {
     } else {
         d
     }
-}
-
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
 }
 
 impl CustomOp3 for GroupNorm {
@@ -146,7 +180,7 @@ impl GroupNorm {
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let mut dx = vec![0f32; x.len()];
         let sums = if self.nhwc {
-            self.backward_nhwc(x, w, b, dy, saved, channels, &mut dx)
+            self.backward_nhwc(x, w, b, dy, saved, &mut dx)
         } else {
             self.backward_nchw(x, w, b, dy, saved, channels, hw, &mut dx)
         };
@@ -194,16 +228,21 @@ impl GroupNorm {
                 for (j, sum) in sums.iter_mut().enumerate() {
                     let range = j * hw..(j + 1) * hw;
                     let (wc, bc) = (w[c0 + j], b[c0 + j]);
+                    let (gc, xc) = (&mut gs[range.clone()], &xs[range.clone()]);
+                    if self.silu {
+                        for ((g, &v), &d) in gc.iter_mut().zip(xc).zip(&dys[range]) {
+                            *g = act_grad((v - mean) * inv_std * wc + bc, d, true);
+                        }
+                    } else {
+                        gc.copy_from_slice(&dys[range]);
+                    }
+                    // The sums in their own loop, which stays sequential (f64, in order),
+                    // so that the one above vectorizes.
                     let (mut s_g, mut s_gx) = (0f64, 0f64);
-                    for ((g, &v), &d) in gs[range.clone()]
-                        .iter_mut()
-                        .zip(&xs[range.clone()])
-                        .zip(&dys[range])
-                    {
+                    for (&g, &v) in gc.iter().zip(xc) {
                         let xhat = (v - mean) * inv_std;
-                        *g = act_grad(xhat * wc + bc, d, self.silu);
-                        s_g += f64::from(*g);
-                        s_gx += f64::from(*g) * f64::from(xhat);
+                        s_g += f64::from(g);
+                        s_gx += f64::from(g) * f64::from(xhat);
                     }
                     *sum = [s_g, s_gx];
                 }
@@ -259,7 +298,10 @@ impl GroupNorm {
                     let k = inv_std * w[c0 + j];
                     let shift = b[c0 + j] - mean * k;
                     for (o, &v) in yc.iter_mut().zip(xc) {
-                        *o = act(v * k + shift, self.silu);
+                        *o = v * k + shift;
+                    }
+                    if self.silu {
+                        silu_in_place(yc);
                     }
                 }
                 (mean, inv_std)
@@ -281,50 +323,20 @@ impl GroupNorm {
         let per_group = channels / self.groups;
         let sample = positions * channels;
         let count = (positions * per_group) as f64;
+        let simd = pulp::Arch::new();
         let mut y = vec![0f32; x.len()];
         let stats: Vec<Vec<(f32, f32)>> = y
             .par_chunks_mut(sample)
             .zip(x.par_chunks(sample))
             .map(|(ys, xs)| {
-                // Two passes in f64: per-channel sums give the group means, then the spread
-                // around them.
-                let mut sums = vec![0f64; channels];
-                for row in xs.chunks_exact(channels) {
-                    for (s, &v) in sums.iter_mut().zip(row) {
-                        *s += f64::from(v);
-                    }
-                }
-                let means: Vec<f64> = sums
-                    .chunks_exact(per_group)
-                    .map(|g| g.iter().sum::<f64>() / count)
-                    .collect();
-                let channel_mean: Vec<f64> = (0..channels).map(|c| means[c / per_group]).collect();
-                let mut spread = vec![0f64; channels];
-                for row in xs.chunks_exact(channels) {
-                    for ((s, &v), &m) in spread.iter_mut().zip(row).zip(&channel_mean) {
-                        *s += (f64::from(v) - m).powi(2);
-                    }
-                }
-                let stats: Vec<(f32, f32)> = spread
-                    .chunks_exact(per_group)
-                    .zip(&means)
-                    .map(|(g, &m)| {
-                        let var = g.iter().sum::<f64>() / count;
-                        (m as f32, (1.0 / (var + self.eps).sqrt()) as f32)
-                    })
-                    .collect();
-                let scale: Vec<f32> = (0..channels)
-                    .map(|c| stats[c / per_group].1 * w[c])
-                    .collect();
-                let shift: Vec<f32> = (0..channels)
-                    .map(|c| b[c] - stats[c / per_group].0 * scale[c])
-                    .collect();
-                for (yr, xr) in ys.chunks_exact_mut(channels).zip(xs.chunks_exact(channels)) {
-                    for (((o, &v), &k), &sh) in yr.iter_mut().zip(xr).zip(&scale).zip(&shift) {
-                        *o = act(v * k + sh, self.silu);
-                    }
-                }
-                stats
+                simd.dispatch(ForwardSample {
+                    op: self,
+                    ys,
+                    xs,
+                    w,
+                    b,
+                    count,
+                })
             })
             .collect();
         (y, stats.concat())
@@ -339,56 +351,212 @@ impl GroupNorm {
         b: &[f32],
         dy: &[f32],
         saved: &[(f32, f32)],
-        channels: usize,
         dx: &mut [f32],
     ) -> Vec<[f64; 2]> {
-        let per_group = channels / self.groups;
         let sample = x.len() / (saved.len() / self.groups);
         let count = (sample / self.groups) as f64;
+        let simd = pulp::Arch::new();
         let per_sample: Vec<Vec<[f64; 2]>> = dx
             .par_chunks_mut(sample)
             .zip(x.par_chunks(sample).zip(dy.par_chunks(sample)))
             .enumerate()
             .map(|(n, (gs, (xs, dys)))| {
                 let stats = &saved[n * self.groups..][..self.groups];
-                let mean: Vec<f32> = (0..channels).map(|c| stats[c / per_group].0).collect();
-                let inv: Vec<f32> = (0..channels).map(|c| stats[c / per_group].1).collect();
-                // g through the activation, left in `gs`; per-channel sums.
-                let mut sums = vec![[0f64; 2]; channels];
-                for ((gr, xr), dr) in gs
-                    .chunks_exact_mut(channels)
-                    .zip(xs.chunks_exact(channels))
-                    .zip(dys.chunks_exact(channels))
-                {
-                    for (c, ((g, &v), &d)) in gr.iter_mut().zip(xr).zip(dr).enumerate() {
-                        let xhat = (v - mean[c]) * inv[c];
-                        *g = act_grad(xhat * w[c] + b[c], d, self.silu);
-                        sums[c][0] += f64::from(*g);
-                        sums[c][1] += f64::from(*g) * f64::from(xhat);
-                    }
-                }
-                // dx = inv_std (g w - mean(g w) - xhat mean(g w xhat)), means per group.
-                let mut m = vec![[0f64; 2]; self.groups];
-                for (c, s) in sums.iter().enumerate() {
-                    m[c / per_group][0] += f64::from(w[c]) * s[0];
-                    m[c / per_group][1] += f64::from(w[c]) * s[1];
-                }
-                let m1: Vec<f32> = (0..channels)
-                    .map(|c| (m[c / per_group][0] / count) as f32)
-                    .collect();
-                let m2: Vec<f32> = (0..channels)
-                    .map(|c| (m[c / per_group][1] / count) as f32)
-                    .collect();
-                for (gr, xr) in gs.chunks_exact_mut(channels).zip(xs.chunks_exact(channels)) {
-                    for (c, (g, &v)) in gr.iter_mut().zip(xr).enumerate() {
-                        let xhat = (v - mean[c]) * inv[c];
-                        *g = inv[c] * (*g * w[c] - m1[c] - xhat * m2[c]);
-                    }
-                }
-                sums
+                simd.dispatch(BackwardSample {
+                    op: self,
+                    gs,
+                    xs,
+                    dys,
+                    stats,
+                    w,
+                    b,
+                    count,
+                })
             })
             .collect();
         per_sample.concat()
+    }
+
+    /// One sample of [`Self::forward_nhwc`]: `xs` `[positions, C]` in, `ys` out; returns the
+    /// sample's per-group mean and `1 / sqrt(var + eps)`.
+    #[inline(always)]
+    fn forward_sample(
+        &self,
+        ys: &mut [f32],
+        xs: &[f32],
+        w: &[f32],
+        b: &[f32],
+        count: f64,
+    ) -> Vec<(f32, f32)> {
+        let channels = w.len();
+        let per_group = channels / self.groups;
+        // Two passes in f64: per-channel sums give the group means, then the spread
+        // around them.
+        let mut sums = vec![0f64; channels];
+        for row in xs.chunks_exact(channels) {
+            for (s, &v) in sums.iter_mut().zip(row) {
+                *s += f64::from(v);
+            }
+        }
+        let means: Vec<f64> = sums
+            .chunks_exact(per_group)
+            .map(|g| g.iter().sum::<f64>() / count)
+            .collect();
+        let channel_mean: Vec<f64> = (0..channels).map(|c| means[c / per_group]).collect();
+        let mut spread = vec![0f64; channels];
+        for row in xs.chunks_exact(channels) {
+            for ((s, &v), &m) in spread.iter_mut().zip(row).zip(&channel_mean) {
+                *s += (f64::from(v) - m).powi(2);
+            }
+        }
+        let stats: Vec<(f32, f32)> = spread
+            .chunks_exact(per_group)
+            .zip(&means)
+            .map(|(g, &m)| {
+                let var = g.iter().sum::<f64>() / count;
+                (m as f32, (1.0 / (var + self.eps).sqrt()) as f32)
+            })
+            .collect();
+        let scale: Vec<f32> = (0..channels)
+            .map(|c| stats[c / per_group].1 * w[c])
+            .collect();
+        let shift: Vec<f32> = (0..channels)
+            .map(|c| b[c] - stats[c / per_group].0 * scale[c])
+            .collect();
+        for (yr, xr) in ys.chunks_exact_mut(channels).zip(xs.chunks_exact(channels)) {
+            for (((o, &v), &k), &sh) in yr.iter_mut().zip(xr).zip(&scale).zip(&shift) {
+                *o = v * k + sh;
+            }
+            if self.silu {
+                silu_in_place(yr);
+            }
+        }
+        stats
+    }
+
+    /// One sample of [`Self::backward_nhwc`]: leaves `dx` in `gs` and returns the per-channel
+    /// `[sum(g), sum(g * xhat)]`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn backward_sample(
+        &self,
+        gs: &mut [f32],
+        xs: &[f32],
+        dys: &[f32],
+        stats: &[(f32, f32)],
+        w: &[f32],
+        b: &[f32],
+        count: f64,
+    ) -> Vec<[f64; 2]> {
+        let channels = w.len();
+        let per_group = channels / self.groups;
+        let mean: Vec<f32> = (0..channels).map(|c| stats[c / per_group].0).collect();
+        let inv: Vec<f32> = (0..channels).map(|c| stats[c / per_group].1).collect();
+        // g through the activation, left in `gs`; per-channel sums of g and g xhat.
+        let (mut s_g, mut s_gx) = (vec![0f64; channels], vec![0f64; channels]);
+        for ((gr, xr), dr) in gs
+            .chunks_exact_mut(channels)
+            .zip(xs.chunks_exact(channels))
+            .zip(dys.chunks_exact(channels))
+        {
+            if self.silu {
+                let per_channel = mean.iter().zip(&inv).zip(w.iter().zip(b));
+                for ((g, (&v, &d)), ((&m, &i), (&wc, &bc))) in
+                    gr.iter_mut().zip(xr.iter().zip(dr)).zip(per_channel)
+                {
+                    *g = act_grad((v - m) * i * wc + bc, d, true);
+                }
+            } else {
+                gr.copy_from_slice(dr);
+            }
+            let per_channel = mean.iter().zip(&inv).zip(s_g.iter_mut().zip(&mut s_gx));
+            for ((&g, &v), ((&m, &i), (sg, sgx))) in gr.iter().zip(xr).zip(per_channel) {
+                let xhat = (v - m) * i;
+                *sg += f64::from(g);
+                *sgx += f64::from(g) * f64::from(xhat);
+            }
+        }
+        let sums: Vec<[f64; 2]> = s_g.into_iter().zip(s_gx).map(|(a, b)| [a, b]).collect();
+        // dx = inv_std (g w - mean(g w) - xhat mean(g w xhat)), means per group.
+        let mut m = vec![[0f64; 2]; self.groups];
+        for (c, s) in sums.iter().enumerate() {
+            m[c / per_group][0] += f64::from(w[c]) * s[0];
+            m[c / per_group][1] += f64::from(w[c]) * s[1];
+        }
+        let m1: Vec<f32> = (0..channels)
+            .map(|c| (m[c / per_group][0] / count) as f32)
+            .collect();
+        let m2: Vec<f32> = (0..channels)
+            .map(|c| (m[c / per_group][1] / count) as f32)
+            .collect();
+        for (gr, xr) in gs.chunks_exact_mut(channels).zip(xs.chunks_exact(channels)) {
+            for (c, (g, &v)) in gr.iter_mut().zip(xr).enumerate() {
+                let xhat = (v - mean[c]) * inv[c];
+                *g = inv[c] * (*g * w[c] - m1[c] - xhat * m2[c]);
+            }
+        }
+        sums
+    }
+}
+
+/// One sample of the channels-last forward pass, as a [`pulp::WithSimd`] operation: `pulp`
+/// compiles it for the widest vectors the CPU has (AVX2, AVX-512) and picks at run time.
+/// Vectors change how many elements each instruction takes, not the operations or their
+/// order, so every choice gives the same bits.
+struct ForwardSample<'a> {
+    op: &'a GroupNorm,
+    ys: &'a mut [f32],
+    xs: &'a [f32],
+    w: &'a [f32],
+    b: &'a [f32],
+    count: f64,
+}
+
+impl pulp::WithSimd for ForwardSample<'_> {
+    type Output = Vec<(f32, f32)>;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Self::Output {
+        let Self {
+            op,
+            ys,
+            xs,
+            w,
+            b,
+            count,
+        } = self;
+        op.forward_sample(ys, xs, w, b, count)
+    }
+}
+
+/// One sample of the channels-last backward pass, as [`ForwardSample`].
+struct BackwardSample<'a> {
+    op: &'a GroupNorm,
+    gs: &'a mut [f32],
+    xs: &'a [f32],
+    dys: &'a [f32],
+    stats: &'a [(f32, f32)],
+    w: &'a [f32],
+    b: &'a [f32],
+    count: f64,
+}
+
+impl pulp::WithSimd for BackwardSample<'_> {
+    type Output = Vec<[f64; 2]>;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Self::Output {
+        let Self {
+            op,
+            gs,
+            xs,
+            dys,
+            stats,
+            w,
+            b,
+            count,
+        } = self;
+        op.backward_sample(gs, xs, dys, stats, w, b, count)
     }
 }
 
@@ -474,4 +642,28 @@ fn group_norm_in(
     };
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{exp, sigmoid};
+
+    /// The branch-free `exp` against f64's over the range a sigmoid uses, and its clamping.
+    #[test]
+    fn exp_is_within_a_few_ulp() {
+        let mut worst = 0f64;
+        for i in 0..350_000 {
+            let v = -87.0 + i as f32 * 5e-4;
+            let exact = f64::from(v).exp();
+            let rel = ((f64::from(exp(v)) - exact) / exact).abs();
+            worst = worst.max(rel);
+        }
+        // 3 ulp of f32 is 3.6e-7 relative.
+        assert!(worst < 3.6e-7, "worst relative error {worst:e}");
+        assert!(exp(-200.0) > 0.0 && exp(-200.0) < 2e-38);
+        assert!(exp(200.0).is_finite() && exp(200.0) > 1e38);
+        assert!(exp(f32::NAN).is_nan());
+        assert!((sigmoid(0.0) - 0.5).abs() < 1e-7);
+        assert!(sigmoid(-100.0) < 1e-37 && sigmoid(100.0) == 1.0);
+    }
 }
