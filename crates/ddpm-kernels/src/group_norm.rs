@@ -646,7 +646,65 @@ fn group_norm_in(
 
 #[cfg(test)]
 mod tests {
-    use super::{exp, sigmoid};
+    use super::{BackwardSample, ForwardSample, GroupNorm, exp, sigmoid};
+
+    /// The channels-last sample bodies compiled for the widest vectors this CPU has (AVX2 on
+    /// most x86-64 machines) and for none give the same bits, forward and backward.
+    #[test]
+    fn every_vector_width_gives_the_same_bits() {
+        let (positions, channels, groups) = (37, 24, 4);
+        let wave = |i: usize, k: usize| ((i * k) % 1009) as f32 / 250.0 - 2.0;
+        let x: Vec<f32> = (0..positions * channels).map(|i| wave(i, 7919)).collect();
+        let dy: Vec<f32> = (0..positions * channels)
+            .map(|i| wave(i, 104_729))
+            .collect();
+        let w: Vec<f32> = (0..channels).map(|c| 0.5 + c as f32 / 10.0).collect();
+        let b: Vec<f32> = (0..channels).map(|c| c as f32 / 20.0 - 0.3).collect();
+        let count = (positions * channels / groups) as f64;
+        let run = |arch: pulp::Arch, silu: bool| {
+            let op = GroupNorm {
+                groups,
+                eps: 1e-5,
+                silu,
+                nhwc: true,
+                saved: Default::default(),
+            };
+            let mut y = vec![0f32; x.len()];
+            let stats = arch.dispatch(ForwardSample {
+                op: &op,
+                ys: &mut y,
+                xs: &x,
+                w: &w,
+                b: &b,
+                count,
+            });
+            let mut g = vec![0f32; x.len()];
+            let sums = arch.dispatch(BackwardSample {
+                op: &op,
+                gs: &mut g,
+                xs: &x,
+                dys: &dy,
+                stats: &stats,
+                w: &w,
+                b: &b,
+                count,
+            });
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+            let stats: Vec<f32> = stats.iter().flat_map(|&(m, i)| [m, i]).collect();
+            let sums: Vec<u64> = sums.iter().flatten().map(|f| f.to_bits()).collect();
+            (bits(&y), bits(&stats), bits(&g), sums)
+        };
+        for silu in [false, true] {
+            let (wide, plain) = (run(pulp::Arch::new(), silu), run(pulp::Arch::Scalar, silu));
+            assert!(wide.0 == plain.0, "outputs differ (silu {silu})");
+            assert!(wide.1 == plain.1, "statistics differ (silu {silu})");
+            assert!(wide.2 == plain.2, "input gradients differ (silu {silu})");
+            assert!(
+                wide.3 == plain.3,
+                "weight and bias sums differ (silu {silu})"
+            );
+        }
+    }
 
     /// The branch-free `exp` against f64's over the range a sigmoid uses, and its clamping.
     #[test]
