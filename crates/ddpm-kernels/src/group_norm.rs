@@ -10,6 +10,11 @@
 //! rows add into per-channel sums. Sums run in f64 in a fixed order, and the
 //! weight and bias gradients add per-sample partial sums in sample order, so results do not
 //! depend on the thread count.
+//!
+//! The SiLU's exponential is computed without libm (a call per element would keep the loops
+//! scalar), and the channels-last per-sample bodies are compiled for the widest vectors the
+//! CPU has through `pulp`'s run-time dispatch: the same operations in the same order at every
+//! width, so the same bits.
 
 use std::sync::{Arc, OnceLock};
 
