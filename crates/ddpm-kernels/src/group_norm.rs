@@ -88,15 +88,11 @@ fn silu_in_place(row: &mut [f32]) {
 }
 
 /// The gradient at the norm's output, `a = xhat * w + b`, for the gradient `d` after the
-/// activation: `d`, or through the SiLU `d s (1 + a (1 - s))`, `s = sigmoid(a)`.
+/// SiLU: `d s (1 + a (1 - s))`, `s = sigmoid(a)`. (Without the SiLU it is `d` itself.)
 #[inline(always)]
-fn act_grad(a: f32, d: f32, silu: bool) -> f32 {
-    if silu {
-        let s = sigmoid(a);
-        d * s * (1.0 + a * (1.0 - s))
-    } else {
-        d
-    }
+fn silu_grad(a: f32, d: f32) -> f32 {
+    let s = sigmoid(a);
+    d * s * (1.0 + a * (1.0 - s))
 }
 
 impl CustomOp3 for GroupNorm {
@@ -236,7 +232,7 @@ impl GroupNorm {
                     let (gc, xc) = (&mut gs[range.clone()], &xs[range.clone()]);
                     if self.silu {
                         for ((g, &v), &d) in gc.iter_mut().zip(xc).zip(&dys[range]) {
-                            *g = act_grad((v - mean) * inv_std * wc + bc, d, true);
+                            *g = silu_grad((v - mean) * inv_std * wc + bc, d);
                         }
                     } else {
                         gc.copy_from_slice(&dys[range]);
@@ -469,7 +465,7 @@ impl GroupNorm {
                 for ((g, (&v, &d)), ((&m, &i), (&wc, &bc))) in
                     gr.iter_mut().zip(xr.iter().zip(dr)).zip(per_channel)
                 {
-                    *g = act_grad((v - m) * i * wc + bc, d, true);
+                    *g = silu_grad((v - m) * i * wc + bc, d);
                 }
             } else {
                 gr.copy_from_slice(dr);
