@@ -21,9 +21,10 @@
 //!   activations channels-last between convolutions (as `ddpm-unet`'s SimpleUnet does) pays
 //!   for no transposes at all; [`add_per_image_nhwc`] adds a per-image vector (a projected
 //!   time embedding) at every position.
-//! - 3x3 stride-1 padding-1 convolutions with 16+ channels each side and 256+ 2x2 output
-//!   tiles run forward and backward by Winograd's F(2x2, 3x3) instead: per block
-//!   of tiles, 16 products `[tiles, C] x [C, C_out]` with 2.25x fewer multiplies, the
+//! - 3x3 stride-1 padding-1 convolutions with 16+ channels each side run forward and backward
+//!   by Winograd's minimal filtering instead: F(4x4, 3x3) where it makes 256+ tiles of 4x4
+//!   outputs (36 products `[tiles, C] x [C, C_out]` per block of tiles, 4x fewer multiplies),
+//!   else F(2x2, 3x3) where it makes 256+ tiles of 2x2 (16 products, 2.25x fewer), the
 //!   transforms done while the block is in cache (see `winograd.rs`).
 //!
 //! Why this orientation: gemm runs a product fastest with the long side along its rows. On

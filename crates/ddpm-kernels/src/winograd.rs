@@ -1,17 +1,22 @@
-//! 3x3, stride-1, padding-1 convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin and
-//! Gray, "Fast Algorithms for Convolutional Neural Networks", 2015).
+//! 3x3, stride-1, padding-1 convolutions by Winograd's minimal filtering F(m x m, 3x3) (Lavin
+//! and Gray, "Fast Algorithms for Convolutional Neural Networks", 2015), for m = 2 ([`F2`])
+//! and m = 4 ([`F4`]).
 //!
-//! Each 2x2 block of outputs (a tile) comes from the 4x4 input patch around it: the patch and
-//! the kernel are transformed (`V = Bᵀ d B`, `U = G g Gᵀ`), multiplied elementwise and summed
-//! over input channels, and transformed back (`Y = Aᵀ M A`). Summing over channels for one of
-//! the 16 transform positions is a matrix product `[tiles, C] x [C, C_out]`, so the work is 16
-//! `gemm` calls with 16 multiplies per tile where im2row needs 36: 2.25x fewer. The transforms
-//! add and subtract only (G's halves are exact), so results differ from im2row's by float
-//! rounding alone.
+//! Each m x m block of outputs (a tile) comes from the a x a input patch around it (a = m + 2):
+//! the patch and the kernel are transformed (`V = Bᵀ d B`, `U = G g Gᵀ`), multiplied
+//! elementwise and summed over input channels, and transformed back (`Y = Aᵀ M A`). Summing
+//! over channels for one of the a² transform positions is a matrix product
+//! `[tiles, C] x [C, C_out]`, so the work is a² `gemm` calls with a² multiplies per tile of m²
+//! outputs where im2row needs 9 m²: 2.25x fewer for F(2x2, 3x3) (16 per 4 outputs), 4x fewer
+//! for F(4x4, 3x3) (36 per 16). F(2x2, 3x3)'s transforms add and subtract only (G's halves
+//! are exact), so its results differ from im2row's by float rounding alone; F(4x4, 3x3)'s
+//! interpolation points 0, ±1, ±2 bring factors up to 8 into `Bᵀ` and `Aᵀ` and sixths into
+//! `G`, which costs a few more bits of rounding (the tests hold both to 1e-4 of the largest
+//! value, against candle's convolutions and against a direct sum here).
 //!
-//! Layouts: per block of tiles, `V` is `[tiles, 16, C]` (the product for position `ξ` reads
-//! its rows with stride `16 C`), `U` is `[16, C, C_out]` for the whole call, and `M` is
-//! `[tiles, 16, C_out]`. A block is transformed, multiplied and transformed back by one task
+//! Layouts: per block of tiles, `V` is `[tiles, a², C]` (the product for position `ξ` reads
+//! its rows with stride `a² C`), `U` is `[a², C, C_out]` for the whole call, and `M` is
+//! `[tiles, a², C_out]`. A block is transformed, multiplied and transformed back by one task
 //! while it is in cache; the blocks run in parallel and write disjoint rows of the output, and
 //! each block's arithmetic is the same whatever the thread count, so results are bitwise the
 //! same for every thread count.
@@ -22,13 +27,144 @@ use crate::LANES;
 use crate::layout::sum_lanes;
 use crate::matmul::{Mat, Scratch, matmul_serial, with_local_scratch};
 
-/// Whether the Winograd path is the faster one for `s`, as measured per layer on a 2-core x86
-/// machine (`cargo run --release -p ddpm-kernels --example layers`): forward 1.2-2.2x faster
-/// than im2row on every 3x3 layer of the small seed model, from 32 -> 64 channels over 32x32
-/// maps to 512 -> 128 over 4x4 maps at batch 64 (256 tiles). Thinner products (the 1-channel
-/// first conv of a digit model) and fewer tiles stay on im2row.
-pub(crate) fn pays_off(s: &Shape3x3) -> bool {
-    s.c.min(s.c_out) >= 16 && s.tiles() >= BLOCK_TILES
+/// One Winograd algorithm F(M x M, 3x3): tiles of `M x M` outputs from `A x A` input patches
+/// (`A = M + 2`), with its three transform matrices as constants, so that the transforms
+/// compile to straight-line code with the zeros and ones folded away.
+pub(crate) trait Tiling<const M: usize, const A: usize>: Sync {
+    /// `Bᵀ` (`A x A`): `V = Bᵀ d B`.
+    const BT: [[f32; A]; A];
+    /// `G` (`A x 3`): `U = G g Gᵀ`.
+    const G: [[f32; 3]; A];
+    /// `Aᵀ` (`M x A`): `Y = Aᵀ M A`.
+    const AT: [[f32; A]; M];
+    /// Tiles per block of the forward pass: rows enough for `gemm`, few enough that a
+    /// block's transforms (`A² x tiles x C` values) stay in cache between the three steps.
+    const BLOCK: usize;
+}
+
+/// F(2x2, 3x3), interpolation points 0, 1, -1 and infinity.
+pub(crate) struct F2;
+
+impl Tiling<2, 4> for F2 {
+    const BT: [[f32; 4]; 4] = [
+        [1., 0., -1., 0.],
+        [0., 1., 1., 0.],
+        [0., -1., 1., 0.],
+        [0., 1., 0., -1.],
+    ];
+    const G: [[f32; 3]; 4] = [
+        [1., 0., 0.],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0., 0., 1.],
+    ];
+    const AT: [[f32; 4]; 2] = [[1., 1., 1., 0.], [0., 1., -1., -1.]];
+    const BLOCK: usize = 256;
+}
+
+/// F(4x4, 3x3), interpolation points 0, 1, -1, 2, -2 and infinity.
+pub(crate) struct F4;
+
+impl Tiling<4, 6> for F4 {
+    const BT: [[f32; 6]; 6] = [
+        [4., 0., -5., 0., 1., 0.],
+        [0., -4., -4., 1., 1., 0.],
+        [0., 4., -4., -1., 1., 0.],
+        [0., -2., -1., 2., 1., 0.],
+        [0., 2., -1., -2., 1., 0.],
+        [0., 4., 0., -5., 0., 1.],
+    ];
+    const G: [[f32; 3]; 6] = [
+        [1. / 4., 0., 0.],
+        [-1. / 6., -1. / 6., -1. / 6.],
+        [-1. / 6., 1. / 6., -1. / 6.],
+        [1. / 24., 1. / 12., 1. / 6.],
+        [1. / 24., -1. / 12., 1. / 6.],
+        [0., 0., 1.],
+    ];
+    const AT: [[f32; 6]; 4] = [
+        [1., 1., 1., 1., 1., 0.],
+        [0., 1., -1., 2., -2., 0.],
+        [0., 1., 1., 4., 4., 0.],
+        [0., 1., -1., 8., -8., 1.],
+    ];
+    const BLOCK: usize = 64;
+}
+
+/// The transpose of a constant matrix.
+const fn transpose<const R: usize, const C: usize>(m: [[f32; C]; R]) -> [[f32; R]; C] {
+    let mut t = [[0f32; R]; C];
+    let mut i = 0;
+    while i < R {
+        let mut j = 0;
+        while j < C {
+            t[j][i] = m[i][j];
+            j += 1;
+        }
+        i += 1;
+    }
+    t
+}
+
+/// `Σ_j k[j] v[j]`, the terms in order from -0 (so that a sum of one term is that term),
+/// zero coefficients skipped. With `k` a constant, the zeros and ones fold away.
+#[inline(always)]
+fn dot<const N: usize>(k: &[f32; N], v: [f32; N]) -> f32 {
+    let mut acc = -0f32;
+    for j in 0..N {
+        if k[j] != 0.0 {
+            acc += k[j] * v[j];
+        }
+    }
+    acc
+}
+
+/// For every channel `o < c` and output `r < rows`:
+/// `dst[at[r] + o] = Σ_j mat[r][j] src[j][o]` (plus `add[o]`), each output's terms in `j`
+/// order. Runs in chunks of 8 channels so that the compiler vectorises it; with `mat` a
+/// constant, its zeros and ones fold away.
+#[inline(always)]
+fn apply<const I: usize, const O: usize>(
+    mat: &[[f32; I]; O],
+    src: &[&[f32]; I],
+    dst: &mut [f32],
+    at: &[usize; O],
+    rows: usize,
+    add: Option<&[f32]>,
+    c: usize,
+) {
+    let mut o = 0;
+    while o + 8 <= c {
+        let x: [&[f32; 8]; I] = std::array::from_fn(|j| src[j][o..o + 8].try_into().unwrap());
+        // Every row is computed (so that `r` is a constant in each unrolled copy) and the
+        // first `rows` are stored.
+        for r in 0..O {
+            let mut acc = [-0f32; 8];
+            for j in 0..I {
+                if mat[r][j] != 0.0 {
+                    for l in 0..8 {
+                        acc[l] += mat[r][j] * x[j][l];
+                    }
+                }
+            }
+            if let Some(add) = add {
+                for l in 0..8 {
+                    acc[l] += add[o + l];
+                }
+            }
+            if r < rows {
+                dst[at[r] + o..][..8].copy_from_slice(&acc);
+            }
+        }
+        o += 8;
+    }
+    for o in o..c {
+        let x: [f32; I] = std::array::from_fn(|j| src[j][o]);
+        for r in 0..O.min(rows) {
+            let v = dot(&mat[r], x);
+            dst[at[r] + o] = add.map_or(v, |a| v + a[o]);
+        }
+    }
 }
 
 /// The shape of a 3x3 same-size convolution: batch, input and output channels, map size.
@@ -42,21 +178,20 @@ pub(crate) struct Shape3x3 {
 }
 
 impl Shape3x3 {
-    fn tiles_h(&self) -> usize {
-        self.h.div_ceil(2)
+    /// Tiles of `m x m` outputs down and across one map.
+    fn tiles_hw(&self, m: usize) -> (usize, usize) {
+        (self.h.div_ceil(m), self.w.div_ceil(m))
     }
 
-    fn tiles_w(&self) -> usize {
-        self.w.div_ceil(2)
+    /// Tiles of `m x m` outputs over the batch.
+    fn tiles(&self, m: usize) -> usize {
+        let (th, tw) = self.tiles_hw(m);
+        self.b * th * tw
     }
 
-    fn tiles(&self) -> usize {
-        self.b * self.tiles_h() * self.tiles_w()
-    }
-
-    /// Tile `t` as (image, tile row, tile column).
-    fn tile(&self, t: usize) -> (usize, usize, usize) {
-        let (th, tw) = (self.tiles_h(), self.tiles_w());
+    /// Tile `t` of `m x m` outputs as (image, tile row, tile column).
+    fn tile(&self, m: usize, t: usize) -> (usize, usize, usize) {
+        let (th, tw) = self.tiles_hw(m);
         (t / (th * tw), t / tw % th, t % tw)
     }
 
@@ -77,96 +212,95 @@ impl Shape3x3 {
             &map[((bi * self.h + y as usize) * self.w + x as usize) * c..][..c]
         }
     }
+
+    /// Blocks of `m x m` tiles as (first tile, tiles), about `target` tiles each: whole rows
+    /// of tiles, or whole images where an image has fewer tiles than that. Depends on the
+    /// shape alone.
+    fn tile_blocks(&self, m: usize, target: usize) -> Vec<(usize, usize)> {
+        let (th, tw) = self.tiles_hw(m);
+        if th * tw >= target {
+            let bands = target.div_ceil(tw);
+            (0..self.b)
+                .flat_map(|bi| {
+                    (0..th)
+                        .step_by(bands)
+                        .map(move |ti| ((bi * th + ti) * tw, bands.min(th - ti) * tw))
+                })
+                .collect()
+        } else {
+            let images = target.div_ceil(th * tw);
+            (0..self.b)
+                .step_by(images)
+                .map(|b0| (b0 * th * tw, images.min(self.b - b0) * th * tw))
+                .collect()
+        }
+    }
 }
 
 /// `U = G g Gᵀ` for every (output, input) channel pair of `w` `[C_out, C, 3, 3]`, as
-/// `[16, C, C_out]`.
-fn kernel_transform(w: &[f32], c: usize, c_out: usize) -> Scratch {
-    let mut u = Scratch::new(16 * c * c_out);
-    // Parallel over transform positions: each writes its own [C, C_out] block.
-    u.par_chunks_mut(c * c_out)
+/// `[A², C, C_out]`: each product reads its position's `[C, C_out]` block contiguously.
+fn kernel_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
+    w: &[f32],
+    c: usize,
+    c_out: usize,
+) -> Scratch {
+    let mut u = Scratch::new(A * A * c * c_out);
+    // Parallel over rows r of the transform: positions (r, 0..A) need row r of G g alone.
+    u.par_chunks_mut(A * c * c_out)
         .enumerate()
-        .for_each(|(xi, block)| {
-            let (r, q) = (xi / 4, xi % 4);
-            for (ci, row) in block.chunks_exact_mut(c_out).enumerate() {
-                for (o, v) in row.iter_mut().enumerate() {
+        .for_each(|(r, block)| {
+            let gr = &T::G[r];
+            for ci in 0..c {
+                for o in 0..c_out {
                     let g = &w[(o * c + ci) * 9..][..9];
-                    // Row r of G g, then its product with column q of Gᵀ.
-                    let gg = |s: usize| g_row(r, [g[s], g[3 + s], g[6 + s]]);
-                    *v = g_row(q, [gg(0), gg(1), gg(2)]);
+                    // Row r of G g, then its products with the rows of G.
+                    let gg: [f32; 3] =
+                        std::array::from_fn(|s| gr[0] * g[s] + gr[1] * g[3 + s] + gr[2] * g[6 + s]);
+                    for (q, gq) in T::G.iter().enumerate() {
+                        block[(q * c + ci) * c_out + o] =
+                            gq[0] * gg[0] + gq[1] * gg[1] + gq[2] * gg[2];
+                    }
                 }
             }
         });
     u
 }
 
-/// Row `r` of `G` = `[[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]` times `v`.
-fn g_row(r: usize, v: [f32; 3]) -> f32 {
-    match r {
-        0 => v[0],
-        1 => 0.5 * (v[0] + v[1] + v[2]),
-        2 => 0.5 * (v[0] - v[1] + v[2]),
-        _ => v[2],
-    }
-}
-
-/// Tiles per block: rows enough for `gemm`, few enough that a block's transforms (`16 x 256 x
-/// C` values) stay in cache between the three steps.
-const BLOCK_TILES: usize = 256;
-
 /// `V = Bᵀ d B` for tile `t` and every input channel of NHWC `xh` `[B, H, W, C]`, into `out`
-/// `[16, C]` (zero outside the map: the padding); `bt` is scratch of the same size. Every step
-/// adds or subtracts whole channel vectors, which the compiler vectorises.
-fn input_transform(
+/// `[A², C]` (zero outside the map: the padding); `tmp` is scratch of the same size.
+fn input_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
     xh: &[f32],
     s: &Shape3x3,
     t: usize,
     zeros: &[f32],
-    bt: &mut [f32],
+    tmp: &mut [f32],
     out: &mut [f32],
 ) {
     let c = s.c;
-    let (bi, ti, tj) = s.tile(t);
-    // The 16 channel vectors of the patch, rows 2ti-1.., columns 2tj-1...
-    let d: [&[f32]; 16] = std::array::from_fn(|k| {
-        let (y, x) = ((2 * ti + k / 4) as isize - 1, (2 * tj + k % 4) as isize - 1);
-        s.pixel(xh, c, bi, y, x, zeros)
+    let (bi, ti, tj) = s.tile(M, t);
+    // The A² channel vectors of the patch, rows M ti - 1.., columns M tj - 1..., by column.
+    let columns: [[&[f32]; A]; A] = std::array::from_fn(|j| {
+        std::array::from_fn(|i| {
+            let (y, x) = ((M * ti + i) as isize - 1, (M * tj + j) as isize - 1);
+            s.pixel(xh, c, bi, y, x, zeros)
+        })
     });
-    // Bᵀ d, row by row of the result: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
-    for (k, dst) in bt.chunks_exact_mut(c).enumerate() {
-        let (r, q) = (k / 4, k % 4);
-        let (a, b, sign) = match r {
-            0 => (d[q], d[8 + q], -1.0),
-            1 => (d[4 + q], d[8 + q], 1.0),
-            2 => (d[8 + q], d[4 + q], -1.0),
-            _ => (d[4 + q], d[12 + q], -1.0),
-        };
-        combine(dst, a, b, sign);
+    // Bᵀ d, a column at a time; then (Bᵀ d) B, a row at a time.
+    for (q, column) in columns.iter().enumerate() {
+        let at = std::array::from_fn(|r| (r * A + q) * c);
+        apply(&T::BT, column, tmp, &at, A, None, c);
     }
-    // (Bᵀ d) B: the same combination along each row.
-    let x = |k: usize| &bt[k * c..][..c];
-    for (k, dst) in out.chunks_exact_mut(c).enumerate() {
-        let (r, q) = (4 * (k / 4), k % 4);
-        let (a, b, sign) = match q {
-            0 => (x(r), x(r + 2), -1.0),
-            1 => (x(r + 1), x(r + 2), 1.0),
-            2 => (x(r + 2), x(r + 1), -1.0),
-            _ => (x(r + 1), x(r + 3), -1.0),
-        };
-        combine(dst, a, b, sign);
+    for r in 0..A {
+        let src = std::array::from_fn(|j| &tmp[(r * A + j) * c..][..c]);
+        let at = std::array::from_fn(|q| (r * A + q) * c);
+        apply(&T::BT, &src, out, &at, A, None, c);
     }
 }
 
-/// `dst = a + sign * b`, elementwise (`sign` is 1 or -1: exact).
-fn combine(dst: &mut [f32], a: &[f32], b: &[f32], sign: f32) {
-    for ((o, &x), &y) in dst.iter_mut().zip(a).zip(b) {
-        *o = x + sign * y;
-    }
-}
-
-/// `Y = Aᵀ M A` plus `bias` `[C_out]` for tile `t` from `mt` `[16, C_out]` into `out`, the
-/// NHWC `[.., W, C_out]` rows from output row `row0` on; `z` is scratch of `8 C_out`.
-fn output_transform(
+/// `Y = Aᵀ M A` plus `bias` `[C_out]` for tile `t` from `mt` `[A², C_out]` into `out`, the
+/// NHWC `[.., W, C_out]` rows from output row `row0` on; `z` is scratch of `M A C_out`.
+#[allow(clippy::too_many_arguments)]
+fn output_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
     mt: &[f32],
     s: &Shape3x3,
     t: usize,
@@ -176,120 +310,26 @@ fn output_transform(
     out: &mut [f32],
 ) {
     let c = s.c_out;
-    let (bi, ti, tj) = s.tile(t);
-    let e = |k: usize| &mt[k * c..][..c];
-    // Aᵀ M: rows m0 + m1 + m2 and m1 - m2 - m3, per column.
-    for q in 0..4 {
-        let (z0, z1) = z.split_at_mut(4 * c);
-        let (m0, m1, m2, m3) = (e(q), e(4 + q), e(8 + q), e(12 + q));
-        for o in 0..c {
-            z0[q * c + o] = m0[o] + m1[o] + m2[o];
-            z1[q * c + o] = m1[o] - m2[o] - m3[o];
-        }
+    let (bi, ti, tj) = s.tile(M, t);
+    // Aᵀ M, a column at a time.
+    for q in 0..A {
+        let src = std::array::from_fn(|i| &mt[(i * A + q) * c..][..c]);
+        let at = std::array::from_fn(|r| (r * A + q) * c);
+        apply(&T::AT, &src, z, &at, M, None, c);
     }
-    // (Aᵀ M) A: columns z0 + z1 + z2 and z1 - z2 - z3, for each output row.
-    for r in 0..2 {
-        if 2 * ti + r >= s.h {
-            continue;
-        }
-        let zr = &z[r * 4 * c..][..4 * c];
-        let (z0, z1, z2, z3) = (&zr[..c], &zr[c..2 * c], &zr[2 * c..3 * c], &zr[3 * c..]);
-        let row = &mut out[((bi * s.h + 2 * ti + r) * s.w - row0 * s.w) * c..][..s.w * c];
-        let left = &mut row[2 * tj * c..][..c];
-        for o in 0..c {
-            left[o] = z0[o] + z1[o] + z2[o] + bias[o];
-        }
-        if 2 * tj + 1 < s.w {
-            let right = &mut row[(2 * tj + 1) * c..][..c];
-            for o in 0..c {
-                right[o] = z1[o] - z2[o] - z3[o] + bias[o];
-            }
-        }
+    // (Aᵀ M) A, a row at a time, into the map's pixels (those past its edge dropped).
+    let cols = M.min(s.w - M * tj);
+    for r in 0..M.min(s.h - M * ti) {
+        let src = std::array::from_fn(|q| &z[(r * A + q) * c..][..c]);
+        let row = &mut out[((bi * s.h + M * ti + r) * s.w - row0 * s.w) * c..][..s.w * c];
+        let at = std::array::from_fn(|p| (M * tj + p) * c);
+        apply(&T::AT, &src, row, &at, cols, Some(bias), c);
     }
 }
 
-/// The 3x3, stride-1, padding-1 convolution of NHWC `x` `[B, H, W, C]` with `w`
-/// `[C_out, C, 3, 3]`, plus `bias` where given, as NHWC `[B, H, W, C_out]`.
-///
-/// The tiles go in blocks of whole rows of tiles (whole images where an image has fewer than
-/// a block takes); each block is transformed, multiplied (16 single-threaded products) and
-/// transformed back by one task, into its own rows of the NHWC output, while its values are
-/// still in cache. Blocks run in parallel.
-pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -> Vec<f32> {
-    let (c, c_out) = (s.c, s.c_out);
-    let u = kernel_transform(w, c, c_out);
-    let zeros = vec![0f32; c.max(c_out)];
-    let bias = bias.unwrap_or(&zeros[..c_out]);
-    let mut y = vec![0f32; s.b * s.h * s.w * c_out];
-    // (first tile, tiles, first output row over the batch, the block's output rows): each
-    // block's tiles cover whole output rows, contiguous in NHWC.
-    let mut rest: &mut [f32] = &mut y;
-    let mut blocks: Vec<(usize, usize, usize, &mut [f32])> = Vec::new();
-    for (t0, n) in tile_blocks(&s) {
-        let (bi, ti, _) = s.tile(t0);
-        let row0 = bi * s.h + 2 * ti;
-        let (bl, tl, _) = s.tile(t0 + n - 1);
-        let rows = (bl * s.h + (2 * tl + 2).min(s.h)) - row0;
-        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows * s.w * c_out);
-        rest = tail;
-        blocks.push((t0, n, row0, mine));
-    }
-    let most = blocks.iter().map(|b| b.1).max().unwrap_or(0);
-    let (v_len, m_len) = (most * 16 * c, most * 16 * c_out);
-    blocks.into_par_iter().for_each(|(t0, n, row0, out)| {
-        with_local_scratch(v_len + m_len + 16 * c.max(c_out), |buf| {
-            let (v, rest) = buf.split_at_mut(v_len);
-            let (m, tmp) = rest.split_at_mut(m_len);
-            for (i, vt) in v.chunks_exact_mut(16 * c).take(n).enumerate() {
-                input_transform(x, &s, t0 + i, &zeros[..c], &mut tmp[..16 * c], vt);
-            }
-            for xi in 0..16 {
-                let lhs = Mat {
-                    data: &v[xi * c..],
-                    rows: n,
-                    cols: c,
-                    rs: 16 * c,
-                    cs: 1,
-                };
-                let rhs = Mat::rows(&u[xi * c * c_out..][..c * c_out], c, c_out);
-                matmul_serial(&mut m[xi * c_out..], 16 * c_out, lhs, rhs, false);
-            }
-            for (i, mt) in m.chunks_exact(16 * c_out).take(n).enumerate() {
-                output_transform(mt, &s, t0 + i, row0, bias, &mut tmp[..8 * c_out], out);
-            }
-        })
-    });
-    y
-}
-
-/// The blocks of [`conv3x3`] as (first tile, tiles): whole rows of tiles, or whole images
-/// where an image has fewer tiles than a block takes.
-fn tile_blocks(s: &Shape3x3) -> Vec<(usize, usize)> {
-    let (th, tw) = (s.tiles_h(), s.tiles_w());
-    // At least 8 blocks where there are tiles enough, so that every core has work. The split
-    // depends on the shape alone: the kernel gradient sums the blocks in this order.
-    let target = s.tiles().div_ceil(8).clamp(32, BLOCK_TILES);
-    if th * tw >= target {
-        let bands = target.div_ceil(tw);
-        (0..s.b)
-            .flat_map(|bi| {
-                (0..th)
-                    .step_by(bands)
-                    .map(move |ti| ((bi * th + ti) * tw, bands.min(th - ti) * tw))
-            })
-            .collect()
-    } else {
-        let images = target.div_ceil(th * tw);
-        (0..s.b)
-            .step_by(images)
-            .map(|b0| (b0 * th * tw, images.min(s.b - b0) * th * tw))
-            .collect()
-    }
-}
-
-/// `A dY Aᵀ` (4x4) for tile `t` of NHWC `dyh` `[B, H, W, C_out]`, into `out` `[16, C_out]`;
-/// outputs past the map's edge count as 0. `p` is scratch of `8 C_out`.
-fn grad_transform(
+/// `A dY Aᵀ` (`A x A`) for tile `t` of NHWC `dyh` `[B, H, W, C_out]`, into `out`
+/// `[A², C_out]`; outputs past the map's edge count as 0. `p` is scratch of `A M C_out`.
+fn grad_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
     dyh: &[f32],
     s: &Shape3x3,
     t: usize,
@@ -298,118 +338,202 @@ fn grad_transform(
     out: &mut [f32],
 ) {
     let c = s.c_out;
-    let (bi, ti, tj) = s.tile(t);
-    let e: [&[f32]; 4] = std::array::from_fn(|k| {
-        let (y, x) = (2 * ti + k / 2, 2 * tj + k % 2);
-        s.pixel(dyh, c, bi, y as isize, x as isize, zeros)
+    let (bi, ti, tj) = s.tile(M, t);
+    let a: [[f32; M]; A] = const { transpose(T::AT) };
+    // The output gradient's M² channel vectors, by column.
+    let columns: [[&[f32]; M]; M] = std::array::from_fn(|j| {
+        std::array::from_fn(|i| {
+            let (y, x) = (M * ti + i, M * tj + j);
+            s.pixel(dyh, c, bi, y as isize, x as isize, zeros)
+        })
     });
-    // A dY with A = [[1, 0], [1, 1], [1, -1], [0, -1]]: rows y0, y0 + y1, y0 - y1, -y1, per
-    // column of dY.
-    for (k, dst) in p.chunks_exact_mut(c).enumerate() {
-        let (r, q) = (k / 2, k % 2);
-        let (a, b) = (e[q], e[2 + q]);
-        for o in 0..c {
-            dst[o] = match r {
-                0 => a[o],
-                1 => a[o] + b[o],
-                2 => a[o] - b[o],
-                _ => -b[o],
-            };
-        }
+    // A dY, a column at a time; then (A dY) Aᵀ, a row at a time.
+    for (q, column) in columns.iter().enumerate() {
+        let at = std::array::from_fn(|r| (r * M + q) * c);
+        apply(&a, column, p, &at, A, None, c);
     }
-    // (A dY) Aᵀ: the same along each row.
-    for (k, dst) in out.chunks_exact_mut(c).enumerate() {
-        let (r, q) = (k / 4, k % 4);
-        let (a, b) = (&p[2 * r * c..][..c], &p[(2 * r + 1) * c..][..c]);
-        for o in 0..c {
-            dst[o] = match q {
-                0 => a[o],
-                1 => a[o] + b[o],
-                2 => a[o] - b[o],
-                _ => -b[o],
-            };
-        }
+    for r in 0..A {
+        let src = std::array::from_fn(|j| &p[(r * M + j) * c..][..c]);
+        let at = std::array::from_fn(|q| (r * A + q) * c);
+        apply(&a, &src, out, &at, A, None, c);
     }
 }
 
-/// Row `i` of `Gᵀ` times `v`: the adjoint of [`g_row`].
-fn gt_row(i: usize, v: [f32; 4]) -> f32 {
-    match i {
-        0 => v[0] + 0.5 * (v[1] + v[2]),
-        1 => 0.5 * (v[1] - v[2]),
-        _ => 0.5 * (v[1] + v[2]) + v[3],
+/// The 3x3, stride-1, padding-1 convolution of NHWC `x` `[B, H, W, C]` with `w`
+/// `[C_out, C, 3, 3]`, plus `bias` where given, as NHWC `[B, H, W, C_out]`, by tiling `T`.
+///
+/// The tiles go in blocks of whole rows of tiles (whole images where an image has fewer than
+/// a block takes); each block is transformed, multiplied (A² single-threaded products) and
+/// transformed back by one task, into its own rows of the NHWC output, while its values are
+/// still in cache. Blocks run in parallel.
+fn conv3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    s: Shape3x3,
+) -> Vec<f32> {
+    let (c, c_out, pp) = (s.c, s.c_out, A * A);
+    let u = kernel_transform::<T, M, A>(w, c, c_out);
+    let zeros = vec![0f32; c.max(c_out)];
+    let bias = bias.unwrap_or(&zeros[..c_out]);
+    let mut y = vec![0f32; s.b * s.h * s.w * c_out];
+    // At least 8 blocks where there are tiles enough, so that every core has work.
+    let target = s.tiles(M).div_ceil(8).clamp(T::BLOCK / 8, T::BLOCK);
+    // (first tile, tiles, first output row over the batch, the block's output rows): each
+    // block's tiles cover whole output rows, contiguous in NHWC.
+    let mut rest: &mut [f32] = &mut y;
+    let mut blocks: Vec<(usize, usize, usize, &mut [f32])> = Vec::new();
+    for (t0, n) in s.tile_blocks(M, target) {
+        let (bi, ti, _) = s.tile(M, t0);
+        let row0 = bi * s.h + M * ti;
+        let (bl, tl, _) = s.tile(M, t0 + n - 1);
+        let rows = (bl * s.h + (M * tl + M).min(s.h)) - row0;
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows * s.w * c_out);
+        rest = tail;
+        blocks.push((t0, n, row0, mine));
     }
+    let most = blocks.iter().map(|b| b.1).max().unwrap_or(0);
+    let (v_len, m_len) = (most * pp * c, most * pp * c_out);
+    blocks.into_par_iter().for_each(|(t0, n, row0, out)| {
+        with_local_scratch(v_len + m_len + pp * c.max(c_out), |buf| {
+            let (v, rest) = buf.split_at_mut(v_len);
+            let (m, tmp) = rest.split_at_mut(m_len);
+            for (i, vt) in v.chunks_exact_mut(pp * c).take(n).enumerate() {
+                input_transform::<T, M, A>(x, &s, t0 + i, &zeros[..c], tmp, vt);
+            }
+            for xi in 0..pp {
+                let lhs = Mat {
+                    data: &v[xi * c..],
+                    rows: n,
+                    cols: c,
+                    rs: pp * c,
+                    cs: 1,
+                };
+                let rhs = Mat::rows(&u[xi * c * c_out..][..c * c_out], c, c_out);
+                matmul_serial(&mut m[xi * c_out..], pp * c_out, lhs, rhs, false);
+            }
+            for (i, mt) in m.chunks_exact(pp * c_out).take(n).enumerate() {
+                output_transform::<T, M, A>(mt, &s, t0 + i, row0, bias, tmp, out);
+            }
+        })
+    });
+    y
 }
 
-/// The kernel gradient `[C_out, C, 3, 3]` of [`conv3x3`] from its input `x` and output
-/// gradient `dy` (both NHWC). The forward pass is `Y = Aᵀ (U ⊙ V) A` per tile with `U = G g Gᵀ`,
-/// so `dU = Σ_tiles V ⊙ (A dY Aᵀ)` and `dg = Gᵀ dU G`. Each block's sum over its tiles is 16
-/// products `Vᵀ [C, tiles] x [tiles, C_out]`, added into one of [`LANES`] partial sums by a
-/// fixed rule; the lanes' sums are then added in order, so the result does not depend on the
-/// thread count.
-pub(crate) fn kernel_grad3x3(x: &[f32], dy: &[f32], s: Shape3x3) -> Vec<f32> {
-    let (c, c_out) = (s.c, s.c_out);
-    let blocks = tile_blocks(&s);
+/// The kernel gradient `[C_out, C, 3, 3]` of [`conv3x3_by`] from its input `x` and output
+/// gradient `dy` (both NHWC). The forward pass is `Y = Aᵀ (U ⊙ V) A` per tile with
+/// `U = G g Gᵀ`, so `dU = Σ_tiles V ⊙ (A dY Aᵀ)` and `dg = Gᵀ dU G`.
+///
+/// The tiles go in blocks large enough that a block's transforms outweigh `dU` (which each
+/// block reads and writes): each block's sum over its tiles is A² products
+/// `Vᵀ [C, tiles] x [tiles, C_out]`, added into one of [`LANES`] partial sums by a fixed rule,
+/// and the lanes' sums are then added in order. Where that leaves one block (few tiles, many
+/// channels), the products for the A² positions run in parallel instead. Either way the
+/// result does not depend on the thread count.
+fn kernel_grad3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
+    x: &[f32],
+    dy: &[f32],
+    s: Shape3x3,
+) -> Vec<f32> {
+    let (c, c_out, pp) = (s.c, s.c_out, A * A);
+    let target = T::BLOCK.max(4 * c * c_out / (c + c_out));
+    let blocks = s.tile_blocks(M, target);
     let most = blocks.iter().map(|b| b.1).max().unwrap_or(0);
     let zeros = vec![0f32; c.max(c_out)];
-    let size = 16 * c * c_out;
-    // Block i adds into lane i % LANES; the lanes run in parallel, each over its blocks in
-    // order, so every sum has the same order whatever the thread count.
-    let lanes = blocks.len().min(LANES);
-    let mut partial = vec![0f32; lanes * size];
-    let (v_len, g_len) = (most * 16 * c, most * 16 * c_out);
-    partial
-        .par_chunks_mut(size)
+    let size = pp * c * c_out;
+    let (v_len, g_len) = (most * pp * c, most * pp * c_out);
+    // The block's transforms: V [tiles, A², C] and A dY Aᵀ [tiles, A², C_out].
+    let transforms = |t0: usize, n: usize, v: &mut [f32], g: &mut [f32], tmp: &mut [f32]| {
+        for (i, vt) in v.chunks_exact_mut(pp * c).take(n).enumerate() {
+            input_transform::<T, M, A>(x, &s, t0 + i, &zeros[..c], tmp, vt);
+        }
+        for (i, gt) in g.chunks_exact_mut(pp * c_out).take(n).enumerate() {
+            grad_transform::<T, M, A>(dy, &s, t0 + i, &zeros[..c_out], tmp, gt);
+        }
+    };
+    // dU for position xi from the block's transforms, into `dst` `[C, C_out]`.
+    let product = |xi: usize, n: usize, v: &[f32], g: &[f32], dst: &mut [f32], acc: bool| {
+        let lhs = Mat {
+            data: &v[xi * c..],
+            rows: c,
+            cols: n,
+            rs: 1,
+            cs: pp * c,
+        };
+        let rhs = Mat {
+            data: &g[xi * c_out..],
+            rows: n,
+            cols: c_out,
+            rs: pp * c_out,
+            cs: 1,
+        };
+        matmul_serial(dst, c_out, lhs, rhs, acc);
+    };
+    // dU as [A², C, C_out].
+    let du = if blocks.len() < 2 {
+        let mut v = Scratch::new(v_len);
+        let mut g = Scratch::new(g_len);
+        let tiles = s.tiles(M);
+        v.par_chunks_mut(pp * c)
+            .zip(g.par_chunks_mut(pp * c_out))
+            .enumerate()
+            .for_each(|(t, (vt, gt))| {
+                with_local_scratch(pp * c.max(c_out), |tmp| {
+                    transforms(t, 1, vt, gt, tmp);
+                })
+            });
+        let mut du = vec![0f32; size];
+        du.par_chunks_mut(c * c_out)
+            .enumerate()
+            .for_each(|(xi, dst)| product(xi, tiles, &v, &g, dst, false));
+        du
+    } else {
+        // Block i adds into lane i % LANES; the lanes run in parallel, each over its blocks
+        // in order, so every sum has the same order whatever the thread count.
+        let lanes = blocks.len().min(LANES);
+        let mut partial = vec![0f32; lanes * size];
+        partial
+            .par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(lane, du)| {
+                with_local_scratch(v_len + g_len + pp * c.max(c_out), |buf| {
+                    let (v, rest) = buf.split_at_mut(v_len);
+                    let (g, tmp) = rest.split_at_mut(g_len);
+                    for (k, &(t0, n)) in blocks.iter().enumerate().skip(lane).step_by(lanes) {
+                        transforms(t0, n, v, g, tmp);
+                        for xi in 0..pp {
+                            product(xi, n, v, g, &mut du[xi * c * c_out..], k >= lanes);
+                        }
+                    }
+                })
+            });
+        // The lanes' sums added in order, in parallel over elements.
+        sum_lanes(&partial, size)
+    };
+    // dg = Gᵀ dU G for every (output, input) channel pair: per input channel into
+    // [C, C_out, 9], then arranged as [C_out, C, 3, 3].
+    let gt: [[f32; A]; 3] = const { transpose(T::G) };
+    let mut by_input = vec![0f32; c * c_out * 9];
+    by_input
+        .par_chunks_mut(c_out * 9)
         .enumerate()
-        .for_each(|(lane, du)| {
-            with_local_scratch(v_len + g_len + 16 * c.max(c_out), |buf| {
-                let (v, rest) = buf.split_at_mut(v_len);
-                let (g, tmp) = rest.split_at_mut(g_len);
-                for (k, &(t0, n)) in blocks.iter().enumerate().skip(lane).step_by(lanes) {
-                    for (i, vt) in v.chunks_exact_mut(16 * c).take(n).enumerate() {
-                        input_transform(x, &s, t0 + i, &zeros[..c], &mut tmp[..16 * c], vt);
-                    }
-                    for (i, gt) in g.chunks_exact_mut(16 * c_out).take(n).enumerate() {
-                        let p = &mut tmp[..8 * c_out];
-                        grad_transform(dy, &s, t0 + i, &zeros[..c_out], p, gt);
-                    }
-                    for xi in 0..16 {
-                        let lhs = Mat {
-                            data: &v[xi * c..],
-                            rows: c,
-                            cols: n,
-                            rs: 1,
-                            cs: 16 * c,
-                        };
-                        let rhs = Mat {
-                            data: &g[xi * c_out..],
-                            rows: n,
-                            cols: c_out,
-                            rs: 16 * c_out,
-                            cs: 1,
-                        };
-                        let dst = &mut du[xi * c * c_out..];
-                        matmul_serial(dst, c_out, lhs, rhs, k >= lanes);
+        .for_each(|(ci, block)| {
+            for (o, k) in block.chunks_exact_mut(9).enumerate() {
+                let e = |xi: usize| du[(xi * c + ci) * c_out + o];
+                for i in 0..3 {
+                    // Row i of Gᵀ dU, then its product with column j of G.
+                    let row: [f32; A] =
+                        std::array::from_fn(|q| dot(&gt[i], std::array::from_fn(|r| e(r * A + q))));
+                    for j in 0..3 {
+                        k[i * 3 + j] = dot(&gt[j], row);
                     }
                 }
-            })
+            }
         });
-    // dU: the lanes' sums added in order, in parallel over elements.
-    let du = sum_lanes(&partial, size);
-    drop(partial);
-    // dg = Gᵀ dU G for every (output, input) channel pair, into [C_out, C, 3, 3].
     let mut dw = vec![0f32; c_out * c * 9];
     dw.par_chunks_mut(c * 9).enumerate().for_each(|(o, block)| {
         for (ci, k) in block.chunks_exact_mut(9).enumerate() {
-            let e = |xi: usize| du[(xi * c + ci) * c_out + o];
-            for i in 0..3 {
-                // Row i of Gᵀ dU, then its product with column j of G.
-                let row: [f32; 4] =
-                    std::array::from_fn(|q| gt_row(i, [e(q), e(4 + q), e(8 + q), e(12 + q)]));
-                for j in 0..3 {
-                    k[i * 3 + j] = gt_row(j, row);
-                }
-            }
+            k.copy_from_slice(&by_input[(ci * c_out + o) * 9..][..9]);
         }
     });
     dw
@@ -430,4 +554,202 @@ pub(crate) fn flipped_kernel(w: &[f32], c: usize, c_out: usize) -> Vec<f32> {
             }
         });
     f
+}
+
+/// The tiling that runs a convolution's forward pass (or its input gradient, the same shape
+/// with the channels swapped), if Winograd's is the faster path for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Choice {
+    F2,
+    F4,
+}
+
+/// F(4x4, 3x3) where it makes 256+ tiles, else F(2x2, 3x3) where that makes 256+; never for
+/// fewer than 16 channels on either side. Both U (`A² C C_out`, written and then packed by
+/// `gemm` for every block) and the products' shortest side grow costly next to the products
+/// with few tiles. Measured per layer on a 2-core x86 machine (`cargo run --release -p
+/// ddpm-kernels --example layers [seed]`, alternating builds): F(2x2, 3x3) forward 1.2-2.2x
+/// faster than im2row on every 3x3 layer of the small seed model at batch 64; F(4x4, 3x3)
+/// faster again on maps of 8x8 and up there (e.g. 128 -> 128 over 16x16 maps 18-22 -> 12-15
+/// ms), but slower with under 256 tiles (the seed model's 256 -> 512 channels over 16x16 maps
+/// at batch 8, 128 tiles: 26 -> 39 ms).
+fn choose(s: &Shape3x3) -> Option<Choice> {
+    if s.c.min(s.c_out) < 16 {
+        None
+    } else if s.tiles(4) >= 4 * F4::BLOCK {
+        Some(Choice::F4)
+    } else if s.tiles(2) >= F2::BLOCK {
+        Some(Choice::F2)
+    } else {
+        None
+    }
+}
+
+/// Whether the Winograd path is the faster one for `s`.
+pub(crate) fn pays_off(s: &Shape3x3) -> bool {
+    choose(s).is_some()
+}
+
+/// The convolution of [`conv3x3_by`] by the tiling that suits `s` (one that
+/// [`pays_off`]).
+pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -> Vec<f32> {
+    match choose(&s) {
+        Some(Choice::F4) => conv3x3_by::<F4, 4, 6>(x, w, bias, s),
+        _ => conv3x3_by::<F2, 2, 4>(x, w, bias, s),
+    }
+}
+
+/// The kernel gradient of [`kernel_grad3x3_by`] by the tiling that suits `s`: F(4x4, 3x3)
+/// on maps of 16x16 and up with 256+ tiles, else F(2x2, 3x3). On smaller maps the gradient's
+/// `dU` (`A² C C_out`, summed in lanes) outweighs the tiles: measured at batch 64, 512 -> 128
+/// channels over 4x4 maps took 11-14 ms by F(2x2, 3x3) and 17-24 ms by F(4x4, 3x3), while 64
+/// -> 64 over 32x32 took 28-37 ms and 17-20 ms.
+pub(crate) fn kernel_grad3x3(x: &[f32], dy: &[f32], s: Shape3x3) -> Vec<f32> {
+    if s.h.min(s.w) >= 16 && s.tiles(4) >= 4 * F4::BLOCK {
+        kernel_grad3x3_by::<F4, 4, 6>(x, dy, s)
+    } else {
+        kernel_grad3x3_by::<F2, 2, 4>(x, dy, s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2001) as f32 / 1000.5 - 1.0)
+            .collect()
+    }
+
+    /// The direct 3x3 padding-1 convolution of NHWC `x` with `w` `[C_out, C, 3, 3]`, NHWC out.
+    fn direct(x: &[f32], w: &[f32], bias: &[f32], s: &Shape3x3) -> Vec<f32> {
+        let mut y = vec![0f32; s.b * s.h * s.w * s.c_out];
+        for bi in 0..s.b {
+            for yy in 0..s.h {
+                for xx in 0..s.w {
+                    for o in 0..s.c_out {
+                        let mut acc = bias[o] as f64;
+                        for (i, j) in (0..3).flat_map(|i| (0..3).map(move |j| (i, j))) {
+                            let (py, px) =
+                                (yy as isize + i as isize - 1, xx as isize + j as isize - 1);
+                            if py < 0 || px < 0 || py as usize >= s.h || px as usize >= s.w {
+                                continue;
+                            }
+                            let at = ((bi * s.h + py as usize) * s.w + px as usize) * s.c;
+                            for ci in 0..s.c {
+                                acc += (x[at + ci] * w[(o * s.c + ci) * 9 + i * 3 + j]) as f64;
+                            }
+                        }
+                        y[((bi * s.h + yy) * s.w + xx) * s.c_out + o] = acc as f32;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// The direct kernel gradient of [`direct`] for output gradient `dy`.
+    fn direct_kernel_grad(x: &[f32], dy: &[f32], s: &Shape3x3) -> Vec<f32> {
+        let mut dw = vec![0f64; s.c_out * s.c * 9];
+        for bi in 0..s.b {
+            for yy in 0..s.h {
+                for xx in 0..s.w {
+                    for (i, j) in (0..3).flat_map(|i| (0..3).map(move |j| (i, j))) {
+                        let (py, px) = (yy as isize + i as isize - 1, xx as isize + j as isize - 1);
+                        if py < 0 || px < 0 || py as usize >= s.h || px as usize >= s.w {
+                            continue;
+                        }
+                        let at = ((bi * s.h + py as usize) * s.w + px as usize) * s.c;
+                        let g = ((bi * s.h + yy) * s.w + xx) * s.c_out;
+                        for o in 0..s.c_out {
+                            for ci in 0..s.c {
+                                dw[(o * s.c + ci) * 9 + i * 3 + j] +=
+                                    (dy[g + o] * x[at + ci]) as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        dw.into_iter().map(|v| v as f32).collect()
+    }
+
+    fn assert_close(what: &str, ours: &[f32], reference: &[f32]) {
+        let scale = reference.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in ours.iter().zip(reference).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * scale,
+                "{what}: element {i}: {a} vs {b} (largest value {scale})"
+            );
+        }
+    }
+
+    /// Both tilings against the direct sums, forward and kernel gradient, on odd sizes (tiles
+    /// cut by the map's edge), several blocks of rows and of whole images, one image and
+    /// channel counts that are not multiples of 8. The kernel gradient's shapes include both
+    /// its paths: lanes over several blocks, and one block with the positions in parallel.
+    #[test]
+    fn both_tilings_match_the_direct_sums() {
+        for (b, c, c_out, h, w) in [
+            (1, 3, 5, 7, 9),
+            (2, 16, 8, 10, 6),
+            (4, 9, 12, 18, 18),
+            (9, 4, 4, 18, 17),
+            (1, 24, 17, 5, 5),
+        ] {
+            let s = Shape3x3 { b, c, c_out, h, w };
+            let x = values(b * h * w * c, 1);
+            let wt = values(c_out * c * 9, 2);
+            let bias = values(c_out, 3);
+            let dy = values(b * h * w * c_out, 4);
+            let y = direct(&x, &wt, &bias, &s);
+            let dw = direct_kernel_grad(&x, &dy, &s);
+            let what = format!("b{b} {c}->{c_out} {h}x{w}");
+            assert_close(
+                &format!("F2 forward {what}"),
+                &conv3x3_by::<F2, 2, 4>(&x, &wt, Some(&bias), s),
+                &y,
+            );
+            assert_close(
+                &format!("F4 forward {what}"),
+                &conv3x3_by::<F4, 4, 6>(&x, &wt, Some(&bias), s),
+                &y,
+            );
+            assert_close(
+                &format!("F2 kernel gradient {what}"),
+                &kernel_grad3x3_by::<F2, 2, 4>(&x, &dy, s),
+                &dw,
+            );
+            assert_close(
+                &format!("F4 kernel gradient {what}"),
+                &kernel_grad3x3_by::<F4, 4, 6>(&x, &dy, s),
+                &dw,
+            );
+        }
+    }
+
+    /// The transform matrices: `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A` is the 3x3 correlation of every
+    /// `A x A` patch `d` with `g`, checked here in one dimension (the 2D form is its square).
+    #[test]
+    fn transforms_compute_a_correlation() {
+        fn check<T: Tiling<M, A>, const M: usize, const A: usize>() {
+            let d: [f32; A] = std::array::from_fn(|i| (i as f32 * 0.7).sin());
+            let g = [0.3f32, -1.1, 0.6];
+            let u: [f32; A] = std::array::from_fn(|r| dot(&T::G[r], g));
+            let v: [f32; A] = std::array::from_fn(|r| dot(&T::BT[r], d));
+            let m: [f32; A] = std::array::from_fn(|k| u[k] * v[k]);
+            for (p, at) in T::AT.iter().enumerate() {
+                let y = dot(at, m);
+                let direct = g[0] * d[p] + g[1] * d[p + 1] + g[2] * d[p + 2];
+                assert!(
+                    (y - direct).abs() < 1e-5,
+                    "F{M} output {p}: {y} vs {direct}"
+                );
+            }
+        }
+        check::<F2, 2, 4>();
+        check::<F4, 4, 6>();
+    }
 }

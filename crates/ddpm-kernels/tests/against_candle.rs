@@ -46,9 +46,10 @@ const CASES: [Case; 17] = [
     // Larger maps, odd sizes.
     (3, 3, 5, 17, 16, 3, 1, 1),
     (2, 4, 3, 34, 33, 4, 2, 1),
-    // 3x3 stride 1 padding 1, 16+ channels, 256+ 2x2 tiles: conv2d's Winograd path (forward
-    // and input gradient). Odd sizes leave half-filled tiles at the edges; blocks of whole
-    // rows of tiles (the last one shorter) and of whole images (the last one shorter).
+    // 3x3 stride 1 padding 1, 16+ channels: conv2d's Winograd path (forward and both
+    // gradients), F(4x4, 3x3) for the first and third (256+ 4x4 tiles), F(2x2, 3x3) for the
+    // second. Odd sizes leave part-filled tiles at the edges; blocks of whole rows of tiles
+    // (the last one shorter) and of whole images (the last one shorter).
     (1, 64, 128, 63, 65, 3, 1, 1),
     (1, 16, 16, 45, 70, 3, 1, 1),
     (5, 128, 64, 31, 30, 3, 1, 1),
@@ -272,8 +273,9 @@ fn results_do_not_depend_on_the_thread_count() {
                 (20, 3, 5, 8, 4, 2, 1),
                 (2, 3, 64, 6, 3, 2, 1),
                 (2, 40, 3, 3, 4, 2, 1),
-                // Winograd.
+                // Winograd: F(4x4, 3x3), then F(2x2, 3x3).
                 (2, 64, 128, 45, 3, 1, 1),
+                (4, 16, 24, 16, 3, 1, 1),
             ] {
                 let x = Var::from_tensor(&randn(&mut rng, &[b, ci, h, h])).unwrap();
                 let w = Var::from_tensor(&randn(&mut rng, &[co, ci, k, k])).unwrap();
