@@ -377,8 +377,50 @@ fn conv3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     let zeros = vec![0f32; c.max(c_out)];
     let bias = bias.unwrap_or(&zeros[..c_out]);
     let mut y = vec![0f32; s.b * s.h * s.w * c_out];
+    let tiles = s.tiles(M);
+    if tiles < FEW_TILES {
+        // Few tiles: one block, whose transforms run in parallel over tiles and whose
+        // products run in parallel over positions, each `[tiles, C] x [C, C_out]` (blocks
+        // would make products of a few dozen rows, each packing U's block anew).
+        let mut v = Scratch::new(tiles * pp * c);
+        v.par_chunks_mut(pp * c).enumerate().for_each(|(t, vt)| {
+            with_local_scratch(pp * c, |tmp| {
+                input_transform::<T, M, A>(x, &s, t, &zeros[..c], tmp, vt);
+            })
+        });
+        // M as [A², tiles, C_out]; each tile's values then gathered as [A², C_out].
+        let mut m = Scratch::new(pp * tiles * c_out);
+        m.par_chunks_mut(tiles * c_out)
+            .enumerate()
+            .for_each(|(xi, dst)| {
+                let lhs = Mat {
+                    data: &v[xi * c..],
+                    rows: tiles,
+                    cols: c,
+                    rs: pp * c,
+                    cs: 1,
+                };
+                let rhs = Mat::rows(&u[xi * c * c_out..][..c * c_out], c, c_out);
+                matmul_serial(dst, c_out, lhs, rhs, false);
+            });
+        let per_image = tiles / s.b.max(1);
+        y.par_chunks_mut(s.h * s.w * c_out)
+            .enumerate()
+            .for_each(|(bi, out)| {
+                with_local_scratch(2 * pp * c_out, |buf| {
+                    let (mt, tmp) = buf.split_at_mut(pp * c_out);
+                    for t in bi * per_image..(bi + 1) * per_image {
+                        for (xi, dst) in mt.chunks_exact_mut(c_out).enumerate() {
+                            dst.copy_from_slice(&m[(xi * tiles + t) * c_out..][..c_out]);
+                        }
+                        output_transform::<T, M, A>(mt, &s, t, bi * s.h, bias, tmp, out);
+                    }
+                })
+            });
+        return y;
+    }
     // At least 8 blocks where there are tiles enough, so that every core has work.
-    let target = s.tiles(M).div_ceil(8).clamp(T::BLOCK / 8, T::BLOCK);
+    let target = tiles.div_ceil(8).clamp(T::BLOCK / 8, T::BLOCK);
     // (first tile, tiles, first output row over the batch, the block's output rows): each
     // block's tiles cover whole output rows, contiguous in NHWC.
     let mut rest: &mut [f32] = &mut y;
@@ -564,7 +606,11 @@ enum Choice {
     F4,
 }
 
-/// F(4x4, 3x3) where it makes 256+ tiles, else F(2x2, 3x3) where that makes 256+; never for
+/// Below this many tiles, a forward pass runs as one block with its products in parallel over
+/// positions.
+const FEW_TILES: usize = 256;
+
+/// F(4x4, 3x3) where it makes 256+ tiles, else F(2x2, 3x3) where that makes 128+; never for
 /// fewer than 16 channels on either side. Both U (`A² C C_out`, written and then packed by
 /// `gemm` for every block) and the products' shortest side grow costly next to the products
 /// with few tiles. Measured per layer on a 2-core x86 machine (`cargo run --release -p
@@ -578,7 +624,7 @@ fn choose(s: &Shape3x3) -> Option<Choice> {
         None
     } else if s.tiles(4) >= 4 * F4::BLOCK {
         Some(Choice::F4)
-    } else if s.tiles(2) >= F2::BLOCK {
+    } else if s.tiles(2) >= FEW_TILES / 2 {
         Some(Choice::F2)
     } else {
         None

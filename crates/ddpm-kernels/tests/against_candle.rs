@@ -34,7 +34,7 @@ fn dot(a: &Tensor, b: &Tensor) -> f32 {
 /// (batch, c_in, c_out, h, w, k, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CASES: [Case; 17] = [
+const CASES: [Case; 18] = [
     (1, 1, 1, 5, 5, 3, 1, 1),
     (2, 3, 4, 7, 9, 3, 1, 1),
     (1, 4, 2, 8, 8, 4, 2, 1),
@@ -48,11 +48,13 @@ const CASES: [Case; 17] = [
     (2, 4, 3, 34, 33, 4, 2, 1),
     // 3x3 stride 1 padding 1, 16+ channels: conv2d's Winograd path (forward and both
     // gradients), F(4x4, 3x3) for the first and third (256+ 4x4 tiles), F(2x2, 3x3) for the
-    // second. Odd sizes leave part-filled tiles at the edges; blocks of whole rows of tiles
-    // (the last one shorter) and of whole images (the last one shorter).
+    // second and, as one block of 144 tiles, the fourth. Odd sizes leave part-filled tiles at
+    // the edges; blocks of whole rows of tiles (the last one shorter) and of whole images (the
+    // last one shorter).
     (1, 64, 128, 63, 65, 3, 1, 1),
     (1, 16, 16, 45, 70, 3, 1, 1),
     (5, 128, 64, 31, 30, 3, 1, 1),
+    (2, 32, 48, 17, 15, 3, 1, 1),
     // A batch of 20 small maps: the im2row passes run blocks of 3 images, the last of 2, and
     // the kernel gradients sum them in lanes.
     (20, 3, 4, 8, 8, 4, 2, 1),
