@@ -266,6 +266,28 @@ fn kernel_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
     u
 }
 
+/// `mat D matᵀ` (`O x O`) for the `I x I` channel vectors `D`, given by column
+/// (`columns[q][i]` is `D[i][q]`), into `out` `[O², c]`: `mat D` a column at a time into `tmp`
+/// (`[O, I, c]`), then `(mat D) matᵀ` a row at a time.
+#[inline(always)]
+fn sandwich<const I: usize, const O: usize>(
+    mat: &[[f32; I]; O],
+    columns: &[[&[f32]; I]; I],
+    tmp: &mut [f32],
+    out: &mut [f32],
+    c: usize,
+) {
+    for (q, column) in columns.iter().enumerate() {
+        let at = std::array::from_fn(|r| (r * I + q) * c);
+        apply(mat, column, tmp, &at, O, None, c);
+    }
+    for r in 0..O {
+        let src = std::array::from_fn(|j| &tmp[(r * I + j) * c..][..c]);
+        let at = std::array::from_fn(|q| (r * O + q) * c);
+        apply(mat, &src, out, &at, O, None, c);
+    }
+}
+
 /// `V = Bᵀ d B` for tile `t` and every input channel of NHWC `xh` `[B, H, W, C]`, into `out`
 /// `[A², C]` (zero outside the map: the padding); `tmp` is scratch of the same size.
 fn input_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
@@ -285,16 +307,7 @@ fn input_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
             s.pixel(xh, c, bi, y, x, zeros)
         })
     });
-    // Bᵀ d, a column at a time; then (Bᵀ d) B, a row at a time.
-    for (q, column) in columns.iter().enumerate() {
-        let at = std::array::from_fn(|r| (r * A + q) * c);
-        apply(&T::BT, column, tmp, &at, A, None, c);
-    }
-    for r in 0..A {
-        let src = std::array::from_fn(|j| &tmp[(r * A + j) * c..][..c]);
-        let at = std::array::from_fn(|q| (r * A + q) * c);
-        apply(&T::BT, &src, out, &at, A, None, c);
-    }
+    sandwich(&T::BT, &columns, tmp, out, c);
 }
 
 /// `Y = Aᵀ M A` plus `bias` `[C_out]` for tile `t` from `mt` `[A², C_out]` into `out`, the
@@ -347,16 +360,7 @@ fn grad_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
             s.pixel(dyh, c, bi, y as isize, x as isize, zeros)
         })
     });
-    // A dY, a column at a time; then (A dY) Aᵀ, a row at a time.
-    for (q, column) in columns.iter().enumerate() {
-        let at = std::array::from_fn(|r| (r * M + q) * c);
-        apply(&a, column, p, &at, A, None, c);
-    }
-    for r in 0..A {
-        let src = std::array::from_fn(|j| &p[(r * M + j) * c..][..c]);
-        let at = std::array::from_fn(|q| (r * A + q) * c);
-        apply(&a, &src, out, &at, A, None, c);
-    }
+    sandwich(&a, &columns, p, out, c);
 }
 
 /// The 3x3, stride-1, padding-1 convolution of NHWC `x` `[B, H, W, C]` with `w`
