@@ -626,7 +626,7 @@ const FEW_TILES: usize = 256;
 fn choose(s: &Shape3x3) -> Option<Choice> {
     if s.c.min(s.c_out) < 16 {
         None
-    } else if s.tiles(4) >= 4 * F4::BLOCK {
+    } else if s.tiles(4) >= FEW_TILES {
         Some(Choice::F4)
     } else if s.tiles(2) >= FEW_TILES / 2 {
         Some(Choice::F2)
@@ -655,7 +655,7 @@ pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -
 /// channels over 4x4 maps took 11-14 ms by F(2x2, 3x3) and 17-24 ms by F(4x4, 3x3), while 64
 /// -> 64 over 32x32 took 28-37 ms and 17-20 ms.
 pub(crate) fn kernel_grad3x3(x: &[f32], dy: &[f32], s: Shape3x3) -> Vec<f32> {
-    if s.h.min(s.w) >= 16 && s.tiles(4) >= 4 * F4::BLOCK {
+    if s.h.min(s.w) >= 16 && s.tiles(4) >= FEW_TILES {
         kernel_grad3x3_by::<F4, 4, 6>(x, dy, s)
     } else {
         kernel_grad3x3_by::<F2, 2, 4>(x, dy, s)
