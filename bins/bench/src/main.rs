@@ -251,7 +251,7 @@ fn time_peak(args: &Args, dev: &Device) -> Result<Vec<f64>> {
 
 fn main() -> Result<()> {
     alloc::keep_freed_memory();
-    alloc::pin_thread_count();
+    alloc::configure_threads();
     let args = Args::parse();
     if args.steps == 0 {
         bail!("--steps must be at least 1");

@@ -89,7 +89,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() {
     alloc::keep_freed_memory();
-    alloc::pin_thread_count();
+    alloc::configure_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
