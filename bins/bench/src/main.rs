@@ -197,7 +197,8 @@ fn time_train(cfg: Config, args: &Args, dev: &Device) -> Result<Vec<f64>> {
 }
 
 /// One DDPM ancestral step: a forward pass in evaluation mode on plain tensors (no variables,
-/// so no graph, as `ddpm sample` runs) and the update.
+/// so no graph, as `ddpm sample` runs) and the update, with the weights frozen as in
+/// `ddpm_sampler::sample`'s loop (the warm-up step makes the kept kernel transforms).
 fn time_sample(cfg: Config, args: &Args, dev: &Device) -> Result<Vec<f64>> {
     let model_cfg = cfg.model();
     let (b, s, ch) = (cfg.batch(), cfg.size(), model_cfg.image_channels);
@@ -223,16 +224,20 @@ fn time_sample(cfg: Config, args: &Args, dev: &Device) -> Result<Vec<f64>> {
     let sampler = DdpmSampler::new(&schedule, DdpmConfig::seed())?;
     let mut rng = NoiseSource::new(0);
     let mut x = rng.randn((b, ch, s, s), dev)?;
-    time(args.warmup, args.steps, |i| {
-        let index = i % schedule.num_train_timesteps();
-        let t = Tensor::full(sampler.timesteps()[index] as u32, b, dev)?;
-        let eps = model.forward_t(&x, &t, Mode::Eval)?;
-        let noise = rng.randn((b, ch, s, s), dev)?;
-        x = sampler
-            .step_with_noise(index, &eps, &x, Some(&noise))?
-            .prev_sample;
-        x.flatten_all()?.get(0)?.to_scalar::<f32>()?;
-        Ok(())
+    // As in `ddpm_sampler::sample`'s loop: the weights are fixed, so the convolutions' kernel
+    // transforms are made in the (untimed) first step and reused.
+    ddpm_unet::with_frozen_weights(|| {
+        time(args.warmup, args.steps, |i| {
+            let index = i % schedule.num_train_timesteps();
+            let t = Tensor::full(sampler.timesteps()[index] as u32, b, dev)?;
+            let eps = model.forward_t(&x, &t, Mode::Eval)?;
+            let noise = rng.randn((b, ch, s, s), dev)?;
+            x = sampler
+                .step_with_noise(index, &eps, &x, Some(&noise))?
+                .prev_sample;
+            x.flatten_all()?.get(0)?.to_scalar::<f32>()?;
+            Ok(())
+        })
     })
 }
 

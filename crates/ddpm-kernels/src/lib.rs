@@ -25,7 +25,9 @@
 //!   by Winograd's minimal filtering instead: F(4x4, 3x3) where it makes 256+ tiles of 4x4
 //!   outputs (36 products `[tiles, C] x [C, C_out]` per block of tiles, 4x fewer multiplies),
 //!   else F(2x2, 3x3) where it makes 256+ tiles of 2x2 (16 products, 2.25x fewer), the
-//!   transforms done while the block is in cache (see `winograd.rs`).
+//!   transforms done while the block is in cache (see `winograd.rs`). Inside
+//!   [`with_frozen_weights`] (a sampling loop) each forward pass's transformed kernel is kept
+//!   and reused while the kernel's values are unchanged (see `frozen.rs`).
 //!
 //! Why this orientation: gemm runs a product fastest with the long side along its rows. On
 //! the 2-core machine this was measured on, the 3x3 convolution 32 -> 64 channels on 32x32 at
@@ -57,12 +59,14 @@
 //! ```
 #![warn(missing_docs)]
 
+mod frozen;
 mod group_norm;
 mod layout;
 mod matmul;
 mod norm;
 mod winograd;
 
+pub use frozen::with_frozen_weights;
 pub use group_norm::{
     group_norm, group_norm_nhwc, group_norm_silu, group_norm_silu_nhwc, group_norm_supports,
 };
@@ -264,7 +268,7 @@ impl Passes for Conv2d {
 
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32> {
         if let Some(s) = self.winograd(b) {
-            return winograd::conv3x3(x, w, Some(bias), s);
+            return winograd::conv3x3(x, w, Some(bias), s, true);
         }
         let (g, c_out) = (&self.g, self.c_out);
         let (l, ckk, image) = (g.l(), g.ckk(), g.h * g.w * g.c);
@@ -304,7 +308,7 @@ impl Passes for Conv2d {
                 c_out: g.c,
                 ..s
             };
-            return [winograd::conv3x3(dy, &flipped, None, s), dw, db];
+            return [winograd::conv3x3(dy, &flipped, None, s, false), dw, db];
         }
         let wr = self.kernel_rows(w);
         let image = hw * g.c;

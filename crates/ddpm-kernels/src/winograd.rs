@@ -24,6 +24,7 @@
 use rayon::prelude::*;
 
 use crate::LANES;
+use crate::frozen;
 use crate::layout::sum_lanes;
 use crate::matmul::{Mat, Scratch, matmul_serial, with_local_scratch};
 
@@ -237,14 +238,14 @@ impl Shape3x3 {
     }
 }
 
-/// `U = G g Gᵀ` for every (output, input) channel pair of `w` `[C_out, C, 3, 3]`, as
+/// `U = G g Gᵀ` for every (output, input) channel pair of `w` `[C_out, C, 3, 3]`, into `u`
 /// `[A², C, C_out]`: each product reads its position's `[C, C_out]` block contiguously.
 fn kernel_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
     w: &[f32],
     c: usize,
     c_out: usize,
-) -> Scratch {
-    let mut u = Scratch::new(A * A * c * c_out);
+    u: &mut [f32],
+) {
     // Parallel over rows r of the transform: positions (r, 0..A) need row r of G g alone.
     u.par_chunks_mut(A * c * c_out)
         .enumerate()
@@ -263,7 +264,6 @@ fn kernel_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
                 }
             }
         });
-    u
 }
 
 /// `mat D matᵀ` (`O x O`) for the `I x I` channel vectors `D`, given by column
@@ -365,6 +365,9 @@ fn grad_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
 
 /// The 3x3, stride-1, padding-1 convolution of NHWC `x` `[B, H, W, C]` with `w`
 /// `[C_out, C, 3, 3]`, plus `bias` where given, as NHWC `[B, H, W, C_out]`, by tiling `T`.
+/// With `keep`, the transformed kernel is kept for later calls inside
+/// [`crate::with_frozen_weights`] (forward passes; an input gradient's flipped kernel is new
+/// on every call).
 ///
 /// The tiles go in blocks of whole rows of tiles (whole images where an image has fewer than
 /// a block takes); each block is transformed, multiplied (A² single-threaded products) and
@@ -375,9 +378,25 @@ fn conv3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     w: &[f32],
     bias: Option<&[f32]>,
     s: Shape3x3,
+    keep: bool,
 ) -> Vec<f32> {
     let (c, c_out, pp) = (s.c, s.c_out, A * A);
-    let u = kernel_transform::<T, M, A>(w, c, c_out);
+    let (fresh, kept);
+    let u: &[f32] = if keep && frozen::active() {
+        kept = frozen::kept(A, w, || {
+            let mut u = vec![0f32; A * A * c * c_out];
+            kernel_transform::<T, M, A>(w, c, c_out, &mut u);
+            u
+        });
+        &kept
+    } else {
+        fresh = {
+            let mut u = Scratch::new(A * A * c * c_out);
+            kernel_transform::<T, M, A>(w, c, c_out, &mut u);
+            u
+        };
+        &fresh
+    };
     let zeros = vec![0f32; c.max(c_out)];
     let bias = bias.unwrap_or(&zeros[..c_out]);
     let mut y = vec![0f32; s.b * s.h * s.w * c_out];
@@ -642,10 +661,16 @@ pub(crate) fn pays_off(s: &Shape3x3) -> bool {
 
 /// The convolution of [`conv3x3_by`] by the tiling that suits `s` (one that
 /// [`pays_off`]).
-pub(crate) fn conv3x3(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: Shape3x3) -> Vec<f32> {
+pub(crate) fn conv3x3(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    s: Shape3x3,
+    keep: bool,
+) -> Vec<f32> {
     match choose(&s) {
-        Some(Choice::F4) => conv3x3_by::<F4, 4, 6>(x, w, bias, s),
-        _ => conv3x3_by::<F2, 2, 4>(x, w, bias, s),
+        Some(Choice::F4) => conv3x3_by::<F4, 4, 6>(x, w, bias, s, keep),
+        _ => conv3x3_by::<F2, 2, 4>(x, w, bias, s, keep),
     }
 }
 
@@ -759,12 +784,12 @@ mod tests {
             let what = format!("b{b} {c}->{c_out} {h}x{w}");
             assert_close(
                 &format!("F2 forward {what}"),
-                &conv3x3_by::<F2, 2, 4>(&x, &wt, Some(&bias), s),
+                &conv3x3_by::<F2, 2, 4>(&x, &wt, Some(&bias), s, false),
                 &y,
             );
             assert_close(
                 &format!("F4 forward {what}"),
-                &conv3x3_by::<F4, 4, 6>(&x, &wt, Some(&bias), s),
+                &conv3x3_by::<F4, 4, 6>(&x, &wt, Some(&bias), s, false),
                 &y,
             );
             assert_close(

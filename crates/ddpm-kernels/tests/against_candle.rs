@@ -335,3 +335,48 @@ fn results_do_not_depend_on_the_thread_count() {
         },
     );
 }
+
+/// Inside `with_frozen_weights` the Winograd convolutions reuse their transformed kernels, and
+/// the results stay bit for bit those without the scope, also when a kernel is changed in
+/// place between calls (`Var::set` keeps its address) or replaced by a new one.
+#[test]
+fn frozen_weights_change_no_result() {
+    let dev = Device::Cpu;
+    let mut rng = NoiseSource::new(11);
+    // F(4x4, 3x3) (16 maps of 16x16: 256 tiles of 4x4) and F(2x2, 3x3) (2 maps: 128 of 2x2).
+    for (b, c, c_out, size) in [(16, 16, 24, 16), (2, 32, 16, 16)] {
+        let x = rng.randn((b, size, size, c), &dev).unwrap();
+        let w = Var::from_tensor(&rng.randn((c_out, c, 3, 3), &dev).unwrap()).unwrap();
+        let other = rng.randn((c_out, c, 3, 3), &dev).unwrap();
+        let conv = |w: &Tensor| ddpm_kernels::conv2d_nhwc(&x, w, None, 1, 1).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        let plain = bits(&conv(w.as_tensor()));
+        let plain_other = bits(&conv(&other));
+        ddpm_kernels::with_frozen_weights(|| {
+            assert_eq!(
+                bits(&conv(w.as_tensor())),
+                plain,
+                "first call, b{b} {c}->{c_out}"
+            );
+            assert_eq!(
+                bits(&conv(w.as_tensor())),
+                plain,
+                "kept kernel, b{b} {c}->{c_out}"
+            );
+            assert_eq!(
+                bits(&conv(&other)),
+                plain_other,
+                "another kernel, b{b} {c}->{c_out}"
+            );
+            w.set(&other).unwrap();
+            assert_eq!(
+                bits(&conv(w.as_tensor())),
+                plain_other,
+                "kernel changed in place, b{b} {c}->{c_out}"
+            );
+        });
+    }
+}

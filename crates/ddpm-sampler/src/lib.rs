@@ -365,7 +365,9 @@ pub struct Progress<'a> {
 
 /// Runs the reverse process from `init` (`x_T`, e.g. `rng.randn(..)` or noise you pinned):
 /// one model call per step for the whole batch, step noise from `rng`, `on_step` after each
-/// step. Returns the final sample (not clamped).
+/// step. Returns the final sample (not clamped). The loop runs inside
+/// [`ddpm_unet::with_frozen_weights`], so the model's convolutions transform their kernels
+/// once, not once per step (the results are the same either way).
 pub fn sample<D, S>(
     model: &D,
     scheduler: &S,
@@ -381,18 +383,21 @@ where
     let device = init.device().clone();
     let timesteps = scheduler.timesteps();
     let mut x = init;
-    for (index, &t) in timesteps.iter().enumerate() {
-        let t_batch = Tensor::full(t as u32, batch, &device)?;
-        let model_output = model.predict(&x, &t_batch)?.to_dtype(DType::F32)?;
-        let out = scheduler.step(index, &model_output, &x, rng)?;
-        x = out.prev_sample;
-        on_step(&Progress {
-            index,
-            num_steps: timesteps.len(),
-            timestep: t,
-            sample: &x,
-            pred_original_sample: &out.pred_original_sample,
-        });
-    }
-    Ok(x)
+    // The weights do not change during the loop: convolutions transform their kernels once.
+    ddpm_unet::with_frozen_weights(|| {
+        for (index, &t) in timesteps.iter().enumerate() {
+            let t_batch = Tensor::full(t as u32, batch, &device)?;
+            let model_output = model.predict(&x, &t_batch)?.to_dtype(DType::F32)?;
+            let out = scheduler.step(index, &model_output, &x, rng)?;
+            x = out.prev_sample;
+            on_step(&Progress {
+                index,
+                num_steps: timesteps.len(),
+                timestep: t,
+                sample: &x,
+                pred_original_sample: &out.pred_original_sample,
+            });
+        }
+        Ok(x)
+    })
 }

@@ -46,6 +46,9 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::{Map, Value};
 
+/// Reuse of transformed convolution kernels while the weights stay fixed (sampling); see
+/// [`ddpm_kernels::with_frozen_weights`].
+pub use ddpm_kernels::with_frozen_weights;
 pub use layers::Mode;
 pub use simple::{SimpleUnet, SimpleUnetConfig};
 pub use unet2d::{DownBlockType, MidBlockType, Unet2d, Unet2dConfig, UpBlockType};
