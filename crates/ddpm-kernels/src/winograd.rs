@@ -38,8 +38,9 @@ pub(crate) trait Tiling<const M: usize, const A: usize>: Sync {
     const G: [[f32; 3]; A];
     /// `Aᵀ` (`M x A`): `Y = Aᵀ M A`.
     const AT: [[f32; A]; M];
-    /// Tiles per block of the forward pass: rows enough for `gemm`, few enough that a
-    /// block's transforms (`A² x tiles x C` values) stay in cache between the three steps.
+    /// Tiles per block: rows enough for `gemm`, few enough that a block's transforms
+    /// (`A² x tiles x C` values) stay in cache between the three steps of the forward pass;
+    /// the kernel gradient's blocks take at least this many.
     const BLOCK: usize;
 }
 
@@ -400,6 +401,19 @@ fn conv3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     let zeros = vec![0f32; c.max(c_out)];
     let bias = bias.unwrap_or(&zeros[..c_out]);
     let mut y = vec![0f32; s.b * s.h * s.w * c_out];
+    // M for position xi of `n` tiles, `V [n, A², C] x U [C, C_out]`, into `dst` (row stride
+    // `rs`).
+    let product = |xi: usize, n: usize, v: &[f32], dst: &mut [f32], rs: usize| {
+        let lhs = Mat {
+            data: &v[xi * c..],
+            rows: n,
+            cols: c,
+            rs: pp * c,
+            cs: 1,
+        };
+        let rhs = Mat::rows(&u[xi * c * c_out..][..c * c_out], c, c_out);
+        matmul_serial(dst, rs, lhs, rhs, false);
+    };
     let tiles = s.tiles(M);
     if tiles < FEW_TILES {
         // Few tiles: one block, whose transforms run in parallel over tiles and whose
@@ -416,15 +430,7 @@ fn conv3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
         m.par_chunks_mut(tiles * c_out)
             .enumerate()
             .for_each(|(xi, dst)| {
-                let lhs = Mat {
-                    data: &v[xi * c..],
-                    rows: tiles,
-                    cols: c,
-                    rs: pp * c,
-                    cs: 1,
-                };
-                let rhs = Mat::rows(&u[xi * c * c_out..][..c * c_out], c, c_out);
-                matmul_serial(dst, c_out, lhs, rhs, false);
+                product(xi, tiles, &v, dst, c_out);
             });
         let per_image = tiles / s.b.max(1);
         y.par_chunks_mut(s.h * s.w * c_out)
@@ -467,15 +473,7 @@ fn conv3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
                 input_transform::<T, M, A>(x, &s, t0 + i, &zeros[..c], tmp, vt);
             }
             for xi in 0..pp {
-                let lhs = Mat {
-                    data: &v[xi * c..],
-                    rows: n,
-                    cols: c,
-                    rs: pp * c,
-                    cs: 1,
-                };
-                let rhs = Mat::rows(&u[xi * c * c_out..][..c * c_out], c, c_out);
-                matmul_serial(&mut m[xi * c_out..], pp * c_out, lhs, rhs, false);
+                product(xi, n, v, &mut m[xi * c_out..], pp * c_out);
             }
             for (i, mt) in m.chunks_exact(pp * c_out).take(n).enumerate() {
                 output_transform::<T, M, A>(mt, &s, t0 + i, row0, bias, tmp, out);
