@@ -289,6 +289,18 @@ fn sandwich<const I: usize, const O: usize>(
     }
 }
 
+/// Position `xi`'s values of `n` tiles in a block's transforms `[n, A², ch]`, as a strided
+/// `[n, ch]` matrix.
+fn at_position<const A: usize>(data: &[f32], xi: usize, n: usize, ch: usize) -> Mat<'_> {
+    Mat {
+        data: &data[xi * ch..],
+        rows: n,
+        cols: ch,
+        rs: A * A * ch,
+        cs: 1,
+    }
+}
+
 /// `V = Bᵀ d B` for tile `t` and every input channel of NHWC `xh` `[B, H, W, C]`, into `out`
 /// `[A², C]` (zero outside the map: the padding); `tmp` is scratch of the same size.
 fn input_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
@@ -401,18 +413,11 @@ fn conv3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     let zeros = vec![0f32; c.max(c_out)];
     let bias = bias.unwrap_or(&zeros[..c_out]);
     let mut y = vec![0f32; s.b * s.h * s.w * c_out];
-    // M for position xi of `n` tiles, `V [n, A², C] x U [C, C_out]`, into `dst` (row stride
+    // M for position xi of `n` tiles, `V [n, C] x U [C, C_out]`, into `dst` (row stride
     // `rs`).
     let product = |xi: usize, n: usize, v: &[f32], dst: &mut [f32], rs: usize| {
-        let lhs = Mat {
-            data: &v[xi * c..],
-            rows: n,
-            cols: c,
-            rs: pp * c,
-            cs: 1,
-        };
         let rhs = Mat::rows(&u[xi * c * c_out..][..c * c_out], c, c_out);
-        matmul_serial(dst, rs, lhs, rhs, false);
+        matmul_serial(dst, rs, at_position::<A>(v, xi, n, c), rhs, false);
     };
     let tiles = s.tiles(M);
     if tiles < FEW_TILES {
@@ -516,20 +521,8 @@ fn kernel_grad3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     };
     // dU for position xi from the block's transforms, into `dst` `[C, C_out]`.
     let product = |xi: usize, n: usize, v: &[f32], g: &[f32], dst: &mut [f32], acc: bool| {
-        let lhs = Mat {
-            data: &v[xi * c..],
-            rows: c,
-            cols: n,
-            rs: 1,
-            cs: pp * c,
-        };
-        let rhs = Mat {
-            data: &g[xi * c_out..],
-            rows: n,
-            cols: c_out,
-            rs: pp * c_out,
-            cs: 1,
-        };
+        let lhs = at_position::<A>(v, xi, n, c).t();
+        let rhs = at_position::<A>(g, xi, n, c_out);
         matmul_serial(dst, c_out, lhs, rhs, acc);
     };
     // dU as [A², C, C_out].
