@@ -188,10 +188,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The speed-up cell: the median of the rounds' ratios, and with several rounds their range,
+/// since the rounds of one run on a shared machine can differ by more than the margin that
+/// matters (`1.25x (1.10-1.31)`).
+fn ratio_cell(ratios: &[f64]) -> String {
+    let mid = median(ratios.to_vec());
+    if ratios.len() < 2 {
+        return format!("{mid:.2}x");
+    }
+    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{mid:.2}x ({lo:.2}-{hi:.2})")
+}
+
 /// `cargo xtask bench`: builds `ddpm-bench` once, then runs every (config, mode) pair `rounds`
 /// times, ours and PyTorch's one right after the other, so both see the same machine state;
 /// the ratio is the median over rounds of PyTorch's step time over ours (above 1: we are
-/// faster).
+/// faster), with the rounds' range beside it.
 fn bench(a: &BenchArgs) -> Result<()> {
     if a.steps == 0 || a.rounds == 0 {
         bail!("--steps and --rounds must be at least 1");
@@ -255,17 +268,17 @@ fn bench(a: &BenchArgs) -> Result<()> {
         if torch.is_empty() {
             line.push_str(" - | - | - | - |");
         } else {
-            let ratio = median(
-                ours.iter()
-                    .zip(torch)
-                    .map(|(o, t)| t.step_s / o.step_s)
-                    .collect(),
-            );
+            let ratios: Vec<f64> = ours
+                .iter()
+                .zip(torch)
+                .map(|(o, t)| t.step_s / o.step_s)
+                .collect();
             line.push_str(&format!(
-                " {:.3} | {:.1} | {} | {ratio:.2}x |",
+                " {:.3} | {:.1} | {} | {} |",
                 m(torch, |x| x.step_s),
                 m(torch, |x| x.gflop_per_s),
-                gib(m(torch, |x| x.peak_rss_bytes))
+                gib(m(torch, |x| x.peak_rss_bytes)),
+                ratio_cell(&ratios)
             ));
         }
         println!("{line}");
@@ -323,4 +336,16 @@ fn project_root() -> PathBuf {
         .parent()
         .expect("xtask lives one level below the workspace root")
         .to_path_buf()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_speed_up_cell_gives_the_median_and_the_range_of_the_rounds() {
+        assert_eq!(ratio_cell(&[1.31, 1.10, 1.25]), "1.25x (1.10-1.31)");
+        assert_eq!(ratio_cell(&[1.2, 1.4]), "1.30x (1.20-1.40)");
+        assert_eq!(ratio_cell(&[1.5]), "1.50x");
+    }
 }
