@@ -26,11 +26,24 @@ struct Entry {
     transformed: Arc<Vec<f32>>,
 }
 
+impl Entry {
+    /// Floats the entry holds.
+    fn floats(&self) -> usize {
+        self.kernel.len() + self.transformed.len()
+    }
+}
+
 /// Entries by (what transform, kernel address, kernel length).
 #[derive(Default)]
 struct Cache {
     entries: HashMap<(usize, usize, usize), Entry>,
-    floats: usize,
+}
+
+impl Cache {
+    /// Floats the entries hold in all (a sum over a model's layers, on a miss only).
+    fn floats(&self) -> usize {
+        self.entries.values().map(Entry::floats).sum()
+    }
 }
 
 thread_local! {
@@ -134,12 +147,9 @@ fn kept_within(
     let transformed = Arc::new(compute());
     CACHE.with(|c| {
         let mut cache = c.borrow_mut();
-        if let Some(old) = cache.entries.remove(&key) {
-            cache.floats -= old.kernel.len() + old.transformed.len();
-        }
-        let size = kernel.len() + transformed.len();
-        if cache.floats + size <= budget {
-            cache.floats += size;
+        // A stale entry for the same key goes first, so its share is free again.
+        cache.entries.remove(&key);
+        if cache.floats() + kernel.len() + transformed.len() <= budget {
             let entry = Entry {
                 kernel: kernel.to_vec(),
                 transformed: transformed.clone(),
