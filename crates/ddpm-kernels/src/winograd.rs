@@ -394,20 +394,20 @@ fn conv3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     keep: bool,
 ) -> Vec<f32> {
     let (c, c_out, pp) = (s.c, s.c_out, A * A);
-    let (fresh, kept);
+    // U into a kept vector inside a frozen scope (computed only when not kept already), else
+    // into scratch.
+    let transform = |u: &mut [f32]| kernel_transform::<T, M, A>(w, c, c_out, u);
+    let (mut fresh, kept);
     let u: &[f32] = if keep && frozen::active() {
         kept = frozen::kept(A, w, || {
-            let mut u = vec![0f32; A * A * c * c_out];
-            kernel_transform::<T, M, A>(w, c, c_out, &mut u);
+            let mut u = vec![0f32; pp * c * c_out];
+            transform(&mut u);
             u
         });
         &kept
     } else {
-        fresh = {
-            let mut u = Scratch::new(A * A * c * c_out);
-            kernel_transform::<T, M, A>(w, c, c_out, &mut u);
-            u
-        };
+        fresh = Scratch::new(pp * c * c_out);
+        transform(&mut fresh);
         &fresh
     };
     let zeros = vec![0f32; c.max(c_out)];
