@@ -3,7 +3,7 @@
     venv/bin/python scripts/reference/check_diffusers_load.py DIR
 
 DIR holds config.json, diffusion_pytorch_model.safetensors and io.safetensors (`sample`,
-`timesteps`, and ddpm's `output`). Prints the largest absolute difference; exits 1 above 1e-4.
+`timesteps`, `class_labels` for a class-conditional model, and ddpm's `output`). Prints the largest absolute difference; exits 1 above 1e-4.
 """
 import sys
 
@@ -16,7 +16,7 @@ def main(folder):
     model = UNet2DModel.from_pretrained(folder).eval()
     io = load_file(f"{folder}/io.safetensors")
     with torch.no_grad():
-        out = model(io["sample"], io["timesteps"]).sample
+        out = model(io["sample"], io["timesteps"], class_labels=io.get("class_labels")).sample
     diff = (out - io["output"]).abs().max().item()
     params = sum(p.numel() for p in model.parameters())
     print(f"{folder}: {params} parameters, output {tuple(out.shape)}, max |diff| {diff:.3e}")

@@ -1,7 +1,9 @@
 """Writes the U-Net fixtures under assets/reference/unet/ with diffusers' UNet2DModel.
 
     python -m venv venv && venv/bin/pip install diffusers torch safetensors numpy
-    venv/bin/python scripts/reference/unet_fixtures.py
+    venv/bin/python scripts/reference/unet_fixtures.py [NAME ...]
+
+With names, only those fixtures are written (the others keep their committed bits).
 
 Each fixture folder holds config.json, diffusion_pytorch_model.safetensors (where small enough
 to commit) and io.safetensors with `sample`, `timesteps` and the model's `output`.
@@ -12,6 +14,10 @@ to commit) and io.safetensors with `sample`, `timesteps` and the model's `output
   two resnets per block; mid_block_scale_factor sqrt(2).
 - multihead_tiny: three levels, six heads of 4 channels, no mid-block attention, an explicit
   time_embedding_dim, center_input_sample, a non-square input, dropout (inactive in eval).
+- class_tiny: class-conditional (num_class_embeds 5, a learned class embedding added to the
+  time embedding); io.safetensors adds `class_labels`, and `guided_output`, classifier-free
+  guidance with scale 2.5 and class 4 as "no class" (uncond + 2.5 (cond - uncond)), as
+  ddpm_unet::Guided computes it.
 - ddpm_cifar10: google/ddpm-cifar10-32's architecture. Its 35.7M weights are too large to
   commit, so they follow a formula the Rust test recomputes (`formula_weights` below), and
   io.safetensors also stores the parameter count.
@@ -62,12 +68,12 @@ def formula_weights(model):
             p.copy_(v.reshape(p.shape).to(torch.float32))
 
 
-def write(name, model, sample, timesteps, legacy=False, weights=True, extra=None):
+def write(name, model, sample, timesteps, legacy=False, weights=True, extra=None, class_labels=None):
     folder = os.path.join(OUT, name)
     os.makedirs(folder, exist_ok=True)
     model.eval()
     with torch.no_grad():
-        output = model(sample, timesteps).sample
+        output = model(sample, timesteps, class_labels=class_labels).sample
     config = dict(model.config)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     config = {"_class_name": "UNet2DModel", "_diffusers_version": __import__("diffusers").__version__, **config}
@@ -93,8 +99,16 @@ def write(name, model, sample, timesteps, legacy=False, weights=True, extra=None
 
 
 def main():
+    wanted = set(sys.argv[1:])
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(7)
+    if not wanted or "class_tiny" in wanted:
+        write_class_tiny()
+    if wanted and wanted != {"class_tiny"}:
+        unknown = wanted - {"class_tiny"}
+        sys.exit(f"only class_tiny can be written alone, not {sorted(unknown)}")
+    if wanted:
+        return
 
     legacy = UNet2DModel(
         sample_size=8, in_channels=3, out_channels=3, layers_per_block=2,
@@ -129,6 +143,27 @@ def main():
     params = sum(p.numel() for p in cifar.parameters())
     write("ddpm_cifar10", cifar, torch.randn(1, 3, 32, 32, generator=g), torch.tensor([500]),
           weights=False, extra={"num_parameters": torch.tensor([params], dtype=torch.int64)})
+
+
+def write_class_tiny():
+    g = torch.Generator().manual_seed(11)
+    model = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, add_attention=False,
+        num_class_embeds=5,
+    )
+    randomize_(model, 3)
+    sample = torch.randn(4, 1, 8, 8, generator=g)
+    timesteps = torch.tensor([0, 250, 600, 999])
+    labels = torch.tensor([0, 3, 1, 3])
+    model.eval()
+    with torch.no_grad():
+        cond = model(sample, timesteps, class_labels=labels).sample
+        uncond = model(sample, timesteps, class_labels=torch.full_like(labels, 4)).sample
+    guided = uncond + 2.5 * (cond - uncond)
+    write("class_tiny", model, sample, timesteps, class_labels=labels,
+          extra={"class_labels": labels, "guided_output": guided.contiguous()})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 //! Writes a seeded UNet2DModel preset in diffusers' layout, with an input and our output beside
 //! it, so `scripts/reference/check_diffusers_load.py` can load it with diffusers and compare.
+//! A class-conditional preset (`mnist-16-classes`) also writes the `class_labels` it used.
 //!
 //! ```sh
 //! cargo run --release -p ddpm-unet --example save_pretrained -- /tmp/unet ddpm-cifar10
@@ -30,9 +31,16 @@ fn main() -> candle_core::Result<()> {
     let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.731).sin()).collect();
     let x = Tensor::from_vec(x, (2, c, 32, 32), &device)?;
     let t = Tensor::new(&[7i64, 640], &device)?;
-    let out = unet.forward_t(&x, &t, Mode::Eval)?;
+    let labels = match config.num_class_embeds() {
+        Some(n) => Some(Tensor::new(&[3i64, n as i64 - 1], &device)?),
+        None => None,
+    };
+    let out = unet.forward_with_labels(&x, &t, labels.as_ref(), Mode::Eval)?;
     save_pretrained(&config, &varmap_tensors(&varmap), &dir)?;
-    let io = HashMap::from([("sample", x), ("timesteps", t), ("output", out)]);
+    let mut io = HashMap::from([("sample", x), ("timesteps", t), ("output", out)]);
+    if let Some(labels) = labels {
+        io.insert("class_labels", labels);
+    }
     candle_core::safetensors::save(&io, dir.join("io.safetensors"))?;
     println!("wrote {}", dir.display());
     Ok(())

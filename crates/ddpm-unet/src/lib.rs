@@ -92,13 +92,14 @@ pub enum UnetConfig {
 }
 
 /// The preset names [`UnetConfig::preset`] accepts.
-pub const PRESETS: [&str; 6] = [
+pub const PRESETS: [&str; 7] = [
     "seed",
     "seed-small",
     "seed-tiny",
     "ddpm-cifar10",
     "mnist",
     "mnist-16",
+    "mnist-16-classes",
 ];
 
 impl UnetConfig {
@@ -108,7 +109,9 @@ impl UnetConfig {
     /// - `seed-tiny`: `SimpleUnet` with channels 16, 32, 64 (for tests and examples);
     /// - `ddpm-cifar10`: `google/ddpm-cifar10-32`'s `UNet2DModel` (35.7M parameters);
     /// - `mnist`: a small `UNet2DModel` for 1-channel 32x32 digits;
-    /// - `mnist-16`: a smaller one for 16x16 digits, the default training recipe's.
+    /// - `mnist-16`: a smaller one for 16x16 digits;
+    /// - `mnist-16-classes`: `mnist-16` conditioned on the digit (10 classes and "no class"),
+    ///   the default training recipe's.
     pub fn preset(name: &str) -> candle_core::Result<Self> {
         Ok(match name {
             "seed" => Self::Simple(SimpleUnetConfig::seed()),
@@ -117,6 +120,7 @@ impl UnetConfig {
             "ddpm-cifar10" => Self::Unet2d(Unet2dConfig::ddpm_cifar10()),
             "mnist" => Self::Unet2d(Unet2dConfig::mnist()),
             "mnist-16" => Self::Unet2d(Unet2dConfig::mnist_16()),
+            "mnist-16-classes" => Self::Unet2d(Unet2dConfig::mnist_16_classes()),
             other => candle_core::bail!(
                 "unknown model preset {other:?} (known: {})",
                 PRESETS.join(", ")
@@ -213,6 +217,15 @@ impl UnetConfig {
         }
     }
 
+    /// `num_class_embeds` of a class-conditional `UNet2DModel`; `None` for an unconditional
+    /// model.
+    pub fn num_class_embeds(&self) -> Option<usize> {
+        match self {
+            Self::Simple(_) => None,
+            Self::Unet2d(c) => c.num_class_embeds,
+        }
+    }
+
     /// Input height and width must be multiples of this.
     pub fn downsampling_factor(&self) -> usize {
         match self {
@@ -287,17 +300,136 @@ impl Unet {
 
     /// Predicts from `x` `[B, C, H, W]` and timesteps `t` `[B]`.
     pub fn forward_t(&self, x: &Tensor, t: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        self.forward_with_labels(x, t, None, mode)
+    }
+
+    /// Predicts from `x` `[B, C, H, W]`, timesteps `t` `[B]` and, for a class-conditional
+    /// model, class labels `[B]` (see [`Unet2d::forward_with_labels`]).
+    pub fn forward_with_labels(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        match (self, labels) {
+            (Self::Simple(m), None) => m.forward_t(x, t, mode),
+            (Self::Simple(_), Some(_)) => {
+                candle_core::bail!("SimpleUnet is unconditional: it takes no class labels")
+            }
+            (Self::Unet2d(m), labels) => m.forward_with_labels(x, t, labels, mode),
+        }
+    }
+
+    /// The number of class embeddings of a class-conditional model (`num_class_embeds`);
+    /// `None` for an unconditional one.
+    pub fn num_class_embeds(&self) -> Option<usize> {
         match self {
-            Self::Simple(m) => m.forward_t(x, t, mode),
-            Self::Unet2d(m) => m.forward_t(x, t, mode),
+            Self::Simple(_) => None,
+            Self::Unet2d(m) => m.config().num_class_embeds,
         }
     }
 }
 
 impl Denoiser for Unet {
-    /// Inference ([`Mode::Eval`]).
+    /// Inference ([`Mode::Eval`]), unconditional; a class-conditional model samples through
+    /// [`Guided`].
     fn predict(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_t(x_t, t, Mode::Eval)
+    }
+}
+
+/// A class-conditional U-Net as a [`Denoiser`] for one batch of class labels, with
+/// classifier-free guidance (Ho and Salimans 2022):
+/// `prediction = uncond + scale (cond - uncond)`, where `uncond` is the prediction for the
+/// "no class" label.
+///
+/// The convention of this project: a model trained with label dropout (`class_dropout` in the
+/// trainer) keeps its last class embedding, `num_class_embeds - 1`, for "no class", so it has
+/// `num_class_embeds - 1` real classes. A scale of 1 is plain conditional sampling (one forward
+/// pass per step); any other scale runs the conditional and unconditional predictions as one
+/// batch of twice the size. Guidance is linear in the model's output, so it applies the same
+/// way to an eps, `x_0` or v prediction.
+#[derive(Debug, Clone)]
+pub struct Guided<'a> {
+    unet: &'a Unet,
+    labels: Tensor,
+    /// The labels of the doubled batch (`labels`, then "no class" for each) when guided.
+    doubled: Option<Tensor>,
+    scale: f64,
+}
+
+impl<'a> Guided<'a> {
+    /// `labels` are the classes of the batch's images, in order; each must be below
+    /// `num_class_embeds` (and below `num_class_embeds - 1`, the "no class" label, when `scale`
+    /// is not 1).
+    pub fn new(
+        unet: &'a Unet,
+        labels: &[u32],
+        scale: f64,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let Some(n) = unet.num_class_embeds() else {
+            candle_core::bail!("the model is unconditional: it cannot sample given classes");
+        };
+        if !scale.is_finite() {
+            candle_core::bail!("guidance scale must be finite, got {scale}");
+        }
+        let guided = scale != 1.0;
+        let classes = if guided { n - 1 } else { n };
+        if guided && n < 2 {
+            candle_core::bail!(
+                "guidance needs a \"no class\" label besides the classes: the model has only {n} class embedding(s)"
+            );
+        }
+        if let Some(bad) = labels.iter().find(|&&l| l as usize >= classes) {
+            let null = if guided {
+                format!(" (class {} is the \"no class\" label of guidance)", n - 1)
+            } else {
+                String::new()
+            };
+            candle_core::bail!("class {bad} out of range 0..{classes}{null}");
+        }
+        let tensor = Tensor::new(labels, device)?;
+        let doubled = if guided {
+            let null = vec![(n - 1) as u32; labels.len()];
+            Some(Tensor::cat(&[&tensor, &Tensor::new(null, device)?], 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            unet,
+            labels: tensor,
+            doubled,
+            scale,
+        })
+    }
+
+    /// The guidance scale.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+}
+
+impl Denoiser for Guided<'_> {
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(doubled) = &self.doubled else {
+            return self
+                .unet
+                .forward_with_labels(x_t, t, Some(&self.labels), Mode::Eval);
+        };
+        let b = x_t.dim(0)?;
+        let t = match t.dims() {
+            [] | [1] => t.reshape(1)?.repeat(b)?,
+            _ => t.clone(),
+        };
+        let x2 = Tensor::cat(&[x_t, x_t], 0)?;
+        let t2 = Tensor::cat(&[&t, &t], 0)?;
+        let out = self
+            .unet
+            .forward_with_labels(&x2, &t2, Some(doubled), Mode::Eval)?;
+        let (cond, uncond) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+        &uncond + ((cond - &uncond)? * self.scale)?
     }
 }
 

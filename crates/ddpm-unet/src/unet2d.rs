@@ -1,4 +1,5 @@
-//! A port of diffusers' `UNet2DModel` (unconditional), read from its `config.json`.
+//! A port of diffusers' `UNet2DModel` (unconditional, or class-conditional through a learned
+//! class embedding), read from its `config.json`.
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -37,7 +38,8 @@ pub enum MidBlockType {
 ///
 /// Missing keys take diffusers' defaults; keys starting with `_` (`_class_name`,
 /// `_diffusers_version`) are metadata. Any other key this port does not know, and any value it
-/// does not support (a `fourier` time embedding, class conditioning, `scale_shift`), is an error
+/// does not support (a `fourier` time embedding, a `timestep` or `identity` class embedding,
+/// `scale_shift`), is an error
 /// naming it: nothing is silently ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,10 +117,13 @@ pub struct Unet2dConfig {
     /// Attention in the middle block.
     #[serde(default = "yes")]
     pub add_attention: bool,
-    /// Must be `null`: class conditioning is not supported.
+    /// Must be `null`: the `timestep` and `identity` class embeddings are not supported.
     #[serde(default)]
     pub class_embed_type: Option<String>,
-    /// Must be `null`: class conditioning is not supported.
+    /// Class conditioning: a learned embedding (`class_embedding`, `[n, time_embed_dim]`) of
+    /// each image's class, added to the time embedding. `null` is unconditional. Models trained
+    /// here for classifier-free guidance keep the last class, `n - 1`, for "no class" (see
+    /// [`crate::Guided`]).
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
     /// Used by diffusers only for learned time embeddings; kept for round trips.
@@ -244,6 +249,15 @@ impl Unet2dConfig {
         }
     }
 
+    /// [`Unet2dConfig::mnist_16`] conditioned on the digit: 11 class embeddings, the ten
+    /// digits and "no class" for classifier-free guidance.
+    pub fn mnist_16_classes() -> Self {
+        Self {
+            num_class_embeds: Some(11),
+            ..Self::mnist_16()
+        }
+    }
+
     /// Checks every value this port supports, naming the first that it does not.
     pub fn validate(&self) -> candle_core::Result<()> {
         let n = self.block_out_channels.len();
@@ -302,14 +316,14 @@ impl Unet2dConfig {
             return Err(unsupported(
                 "class_embed_type",
                 &self.class_embed_type,
-                "only null",
+                "only null (a learned embedding when num_class_embeds is set)",
             ));
         }
-        if self.num_class_embeds.is_some() {
+        if self.num_class_embeds == Some(0) {
             return Err(unsupported(
                 "num_class_embeds",
                 &self.num_class_embeds,
-                "only null",
+                "positive or null",
             ));
         }
         if self.norm_num_groups.is_none() {
@@ -625,13 +639,14 @@ struct MidBlock {
     second: ResnetBlock2D,
 }
 
-/// diffusers' `UNet2DModel`, unconditional, with its weight names (`conv_in`,
-/// `time_embedding.linear_1`, `down_blocks.N.resnets.M.conv1`, `mid_block.attentions.0.to_q`, ...).
+/// diffusers' `UNet2DModel` with its weight names (`conv_in`, `time_embedding.linear_1`,
+/// `class_embedding`, `down_blocks.N.resnets.M.conv1`, `mid_block.attentions.0.to_q`, ...).
 #[derive(Debug, Clone)]
 pub struct Unet2d {
     config: Unet2dConfig,
     conv_in: Conv,
     time_embedding: TimestepEmbedding,
+    class_embedding: Option<candle_nn::Embedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
@@ -654,6 +669,14 @@ impl Unet2d {
             cfg.time_embed_dim(),
             vb.pp("time_embedding"),
         )?;
+        let class_embedding = match cfg.num_class_embeds {
+            Some(n) => Some(candle_nn::embedding(
+                n,
+                cfg.time_embed_dim(),
+                vb.pp("class_embedding"),
+            )?),
+            None => None,
+        };
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut output_channel = boc[0];
@@ -764,6 +787,7 @@ impl Unet2d {
             config: config.clone(),
             conv_in,
             time_embedding,
+            class_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -778,8 +802,24 @@ impl Unet2d {
     }
 
     /// Predicts from `x` `[B, C, H, W]` and timesteps `t` `[B]` (or one timestep, `[1]` or a
-    /// scalar, broadcast over the batch, as diffusers allows).
+    /// scalar, broadcast over the batch, as diffusers allows). A class-conditional model needs
+    /// its labels: see [`Unet2d::forward_with_labels`].
     pub fn forward_t(&self, x: &Tensor, t: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        self.forward_with_labels(x, t, None, mode)
+    }
+
+    /// Predicts from `x` `[B, C, H, W]`, timesteps `t` `[B]` (or one) and, for a
+    /// class-conditional model (`num_class_embeds` set), class labels `[B]` (or one, for the
+    /// whole batch) of an integer dtype, each below `num_class_embeds`: diffusers'
+    /// `UNet2DModel(sample, timestep, class_labels)`. Labels for an unconditional model, or none
+    /// for a conditional one, are an error, as in diffusers.
+    pub fn forward_with_labels(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
         let (b, c, h, w) = x.dims4()?;
         let f = cfg.downsampling_factor();
@@ -813,6 +853,32 @@ impl Unet2d {
         let temb = self
             .time_embedding
             .forward(&timestep_embedding(&t, &sin)?.to_dtype(x.dtype())?)?;
+        let temb = match (&self.class_embedding, labels) {
+            (None, None) => temb,
+            (Some(embedding), Some(labels)) => {
+                let labels = match labels.dims() {
+                    [] | [1] => labels.reshape(1)?.repeat(b)?,
+                    [n] if *n == b => labels.clone(),
+                    other => candle_core::bail!(
+                        "class labels must be [{b}] or a single value, got shape {other:?}"
+                    ),
+                };
+                if labels.dtype().is_float() {
+                    candle_core::bail!(
+                        "class labels must be integers (u8, u32 or i64), got {:?}",
+                        labels.dtype()
+                    );
+                }
+                (temb + embedding.forward(&labels)?.to_dtype(x.dtype())?)?
+            }
+            (Some(_), None) => candle_core::bail!(
+                "this UNet2DModel is class-conditional (num_class_embeds {}): give class labels",
+                cfg.num_class_embeds.unwrap_or_default()
+            ),
+            (None, Some(_)) => candle_core::bail!(
+                "this UNet2DModel is unconditional (num_class_embeds null): it takes no class labels"
+            ),
+        };
 
         // Every convolution of the model is a plain one with the same weights' dtype and
         // device as `conv_in`, so where it runs channels-last, they all do.

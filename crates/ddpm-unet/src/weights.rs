@@ -9,6 +9,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use rand_distr::StandardNormal;
 
 /// Older diffusers checkpoints (e.g. `google/ddpm-cifar10-32`) name the attention projections
 /// `query`, `key`, `value`, `proj_attn`; current diffusers names them `to_q`, `to_k`, `to_v`,
@@ -159,7 +160,8 @@ pub fn count_parameters(tensors: &HashMap<String, Tensor>) -> usize {
 
 /// Re-initialises every variable of `varmap` from `seed`, the way PyTorch initialises a fresh
 /// module: conv and linear weights and biases uniform in `+-1/sqrt(fan_in)` (PyTorch's
-/// `kaiming_uniform_(a=sqrt(5))`), norm scales 1 and shifts 0, running means 0 and variances 1.
+/// `kaiming_uniform_(a=sqrt(5))`), class embeddings N(0, 1) (`nn.Embedding`), norm scales 1 and
+/// shifts 0, running means 0 and variances 1.
 ///
 /// candle's own initialisation cannot be seeded; this makes a model's starting point a function
 /// of the seed alone. Variables are visited in name order, each from its own stream.
@@ -186,12 +188,16 @@ pub fn init_seeded(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
             } else {
                 Some(&dims)
             };
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            rng.set_stream(stream as u64);
             match weight_shape {
+                // Embedding tables: PyTorch's `nn.Embedding` draws N(0, 1).
+                Some(_) if name.ends_with("class_embedding.weight") => (0..n)
+                    .map(|_| rng.sample::<f64, _>(StandardNormal) as f32)
+                    .collect(),
                 // Conv (rank 4) and linear (rank 2) weights, and their biases.
                 Some(w) if w.len() >= 2 => {
                     let bound = 1.0 / (fan_in(w) as f64).sqrt();
-                    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-                    rng.set_stream(stream as u64);
                     (0..n)
                         .map(|_| rng.random_range(-bound..bound) as f32)
                         .collect()

@@ -3,7 +3,7 @@
 //! Fixtures under `assets/reference/unet/`:
 //! - `seed_small`, `diffusers_tiny`: from the shared reference set (`ref_fixtures.py`, see
 //!   `assets/reference/README.md`): the seed's SimpleUnet in eval mode and a 2-level UNet2DModel.
-//! - `legacy_tiny`, `multihead_tiny`, `ddpm_cifar10`: written by
+//! - `legacy_tiny`, `multihead_tiny`, `class_tiny`, `ddpm_cifar10`: written by
 //!   `scripts/reference/unet_fixtures.py` (diffusers 0.42.1, PyTorch 2.15, float32); that script's
 //!   docstring lists what each exercises.
 //!
@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use ddpm_testutil::{assert_close, max_abs_diff, reference_path};
-use ddpm_unet::{Mode, SimpleUnetConfig, Unet, Unet2dConfig, UnetConfig, count_parameters};
+use ddpm_unet::{
+    Denoiser, Guided, Mode, SimpleUnetConfig, Unet, Unet2dConfig, UnetConfig, count_parameters,
+};
 
 const ATOL: f32 = 1e-4;
 
@@ -63,6 +65,92 @@ fn diffusers_folders_match_diffusers() {
         assert!(matches!(config, UnetConfig::Unet2d(_)), "{name}");
         check_output(name, &unet);
     }
+}
+
+#[test]
+fn class_conditional_unet_matches_diffusers() {
+    let (config, unet) = Unet::from_pretrained(&fixture("class_tiny"), &Device::Cpu).unwrap();
+    assert_eq!(config.num_class_embeds(), Some(5));
+    assert_eq!(unet.num_class_embeds(), Some(5));
+    let io = io("class_tiny");
+    let labels = &io["class_labels"]; // i64, as PyTorch writes them
+    let out = unet
+        .forward_with_labels(&io["sample"], &io["timesteps"], Some(labels), Mode::Eval)
+        .unwrap();
+    assert_close("class_tiny", &flat(&out), &flat(&io["output"]), ATOL, 0.0);
+    eprintln!(
+        "class_tiny: max |diff| {:e}",
+        max_abs_diff(&flat(&out), &flat(&io["output"]))
+    );
+
+    // Classifier-free guidance, class 4 as "no class", scale 2.5. The difference is scaled
+    // by 2.5, hence the wider tolerance.
+    let host: Vec<u32> = labels.to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+    let guided = Guided::new(&unet, &host, 2.5, &Device::Cpu).unwrap();
+    let out = guided.predict(&io["sample"], &io["timesteps"]).unwrap();
+    assert_close(
+        "class_tiny guided",
+        &flat(&out),
+        &flat(&io["guided_output"]),
+        4.0 * ATOL,
+        0.0,
+    );
+
+    // Scale 1 is the conditional prediction alone.
+    let plain = Guided::new(&unet, &host, 1.0, &Device::Cpu).unwrap();
+    let out = plain.predict(&io["sample"], &io["timesteps"]).unwrap();
+    assert_close(
+        "class_tiny scale 1",
+        &flat(&out),
+        &flat(&io["output"]),
+        ATOL,
+        0.0,
+    );
+}
+
+#[test]
+fn class_labels_are_checked() {
+    let (_, unet) = Unet::from_pretrained(&fixture("class_tiny"), &Device::Cpu).unwrap();
+    let io = io("class_tiny");
+    let (x, t) = (&io["sample"], &io["timesteps"]);
+    let err = |r: candle_core::Result<Tensor>| r.unwrap_err().to_string();
+    // A conditional model needs labels; an unconditional one takes none.
+    assert!(
+        err(unet.forward_t(x, t, Mode::Eval)).contains("class-conditional (num_class_embeds 5)")
+    );
+    let (_, plain) = Unet::from_pretrained(&fixture("diffusers_tiny"), &Device::Cpu).unwrap();
+    let labels = Tensor::new(&[0u32], &Device::Cpu).unwrap();
+    let io_plain = self::io("diffusers_tiny");
+    assert!(
+        err(plain.forward_with_labels(
+            &io_plain["sample"],
+            &io_plain["timesteps"],
+            Some(&labels),
+            Mode::Eval
+        ))
+        .contains("unconditional")
+    );
+    // Float labels, a wrong count, an out-of-range class.
+    let floats = Tensor::new(&[0f32, 1., 2., 3.], &Device::Cpu).unwrap();
+    assert!(err(unet.forward_with_labels(x, t, Some(&floats), Mode::Eval)).contains("integers"));
+    let three = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
+    assert!(err(unet.forward_with_labels(x, t, Some(&three), Mode::Eval)).contains("[4]"));
+    let e = Guided::new(&unet, &[0, 4], 2.0, &Device::Cpu).unwrap_err();
+    assert!(e.to_string().contains("class 4 out of range 0..4"), "{e}");
+    assert!(e.to_string().contains("\"no class\""), "{e}");
+    let e = Guided::new(&unet, &[5], 1.0, &Device::Cpu).unwrap_err();
+    assert!(e.to_string().contains("class 5 out of range 0..5"), "{e}");
+    assert!(Guided::new(&plain, &[0], 1.0, &Device::Cpu).is_err());
+    // One label for the whole batch broadcasts, as timesteps do.
+    let one = Tensor::new(&[3u32], &Device::Cpu).unwrap();
+    let all = Tensor::new(&[3u32, 3, 3, 3], &Device::Cpu).unwrap();
+    let a = unet
+        .forward_with_labels(x, t, Some(&one), Mode::Eval)
+        .unwrap();
+    let b = unet
+        .forward_with_labels(x, t, Some(&all), Mode::Eval)
+        .unwrap();
+    assert_eq!(flat(&a), flat(&b));
 }
 
 /// The weights `unet_fixtures.py::formula_weights` gives every parameter.
@@ -133,6 +221,8 @@ fn mnist_presets_build_and_run() {
     for (name, size, params) in [
         ("mnist", 32, 1_000_000..3_000_000),
         ("mnist-16", 16, 1_045_729..1_045_730),
+        // The same with an 11 x 128 class embedding (diffusers' count too).
+        ("mnist-16-classes", 16, 1_047_137..1_047_138),
     ] {
         let config = UnetConfig::preset(name).unwrap();
         let varmap = VarMap::new();
@@ -144,7 +234,12 @@ fn mnist_presets_build_and_run() {
         ddpm_unet::init_seeded(&varmap, 1).unwrap();
         let x = Tensor::ones((2, 1, size, size), DType::F32, &Device::Cpu).unwrap();
         let t = Tensor::new(&[0u32, 299], &Device::Cpu).unwrap();
-        let out = unet.forward_t(&x, &t, Mode::Eval).unwrap();
+        let labels = config
+            .num_class_embeds()
+            .map(|_| Tensor::new(&[1u32, 10], &Device::Cpu).unwrap());
+        let out = unet
+            .forward_with_labels(&x, &t, labels.as_ref(), Mode::Eval)
+            .unwrap();
         assert_eq!(out.dims(), &[2, 1, size, size]);
         assert!(flat(&out).iter().all(|v| v.is_finite()));
         let n = count_parameters(&ddpm_unet::varmap_tensors(&varmap));
