@@ -679,3 +679,94 @@ fn dataset_download_from_a_local_hub_then_train_offline() {
         "{stdout}"
     );
 }
+
+/// A class-conditional run: trained with label dropout, sampled given classes with guidance,
+/// exported and sampled again from the folder; bad classes and guidance are errors.
+#[test]
+fn class_conditional_train_sample_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut args = vec![
+        "train",
+        "--out",
+        "run",
+        "--steps",
+        "2",
+        "--model",
+        "mnist-16-classes",
+        "--class-dropout",
+        "0.2",
+        "--guidance",
+        "2",
+        "--sample-steps",
+        "2",
+    ];
+    args.extend_from_slice(TINY);
+    ok(&ddpm(dir, &args));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["train"]["class_dropout"], 0.2);
+    assert_eq!(config["train"]["guidance_scale"], 2.0);
+    assert_eq!(config["train"]["model"]["num_class_embeds"], 11);
+
+    let sample = |model: &str, extra: &[&str], out: &str| {
+        let mut a = vec![
+            "sample",
+            "--model",
+            model,
+            "--num",
+            "3",
+            "--steps",
+            "2",
+            "--no-progress",
+            "--out-tensor",
+            out,
+        ];
+        a.extend_from_slice(extra);
+        ddpm(dir, &a)
+    };
+    // The run's own guidance (2) by default, or given; a different class gives other images.
+    ok(&sample("run", &["--class", "3"], "a.safetensors"));
+    ok(&sample(
+        "run",
+        &["--class", "3", "--guidance", "2"],
+        "b.safetensors",
+    ));
+    ok(&sample("run", &["--class", "4"], "c.safetensors"));
+    let s = |f: &str| flat(&load(&dir.join(f))["samples"]);
+    assert_eq!(s("a.safetensors"), s("b.safetensors"));
+    assert_ne!(s("a.safetensors"), s("c.safetensors"));
+
+    // Class 10 is the "no class" label of a run trained with label dropout.
+    fails(
+        &sample("run", &["--class", "10"], "x.safetensors"),
+        "--class 10 out of range: the model draws classes 0..10",
+    );
+
+    // Exported, the folder samples the same with the same class and guidance.
+    ok(&ddpm(dir, &["export", "run", "--out", "exported"]));
+    ok(&sample(
+        "exported",
+        &["--class", "3", "--guidance", "2"],
+        "d.safetensors",
+    ));
+    assert_eq!(s("a.safetensors"), s("d.safetensors"));
+
+    // An unconditional model takes no classes.
+    let mut plain = vec!["train", "--out", "plain", "--steps", "1"];
+    plain.extend_from_slice(TINY);
+    ok(&ddpm(dir, &plain));
+    fails(
+        &sample("plain", &["--class", "1"], "y.safetensors"),
+        "--class and --guidance need a class-conditional model",
+    );
+    // Label dropout needs a conditional model.
+    let mut bad = vec!["train", "--out", "bad", "--class-dropout", "0.1"];
+    bad.extend_from_slice(TINY);
+    fails(
+        &ddpm(dir, &bad),
+        "class_dropout 0.1 needs a class-conditional model",
+    );
+    assert!(!dir.join("bad").exists());
+}

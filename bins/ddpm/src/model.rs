@@ -19,6 +19,11 @@ pub struct Loaded {
     pub scheduler: SchedulerConfig,
     /// What was loaded, for messages.
     pub source: String,
+    /// For a class-conditional model: its real classes and the guidance scale it samples
+    /// with by default (a run's own; 1 for a model folder, whose classes are all its class
+    /// embeddings until --guidance asks for the last one as "no class").
+    pub classes: Option<usize>,
+    pub guidance: f64,
 }
 
 /// The DDPMScheduler settings a run of ours samples with: its schedule and objective,
@@ -67,6 +72,8 @@ pub fn load(path: &Path, raw: bool, device: &Device) -> Result<Loaded> {
             .with_context(|| format!("loading {}", ck_path.display()))?;
         return Ok(Loaded {
             scheduler: scheduler_for(ck.config.schedule, ck.config.objective),
+            classes: ck.config.classes(),
+            guidance: ck.config.guidance_scale,
             config: ck.config.model,
             unet,
             source: format!(
@@ -94,6 +101,8 @@ pub fn load(path: &Path, raw: bool, device: &Device) -> Result<Loaded> {
         SchedulerConfig::from_json("{}").expect("defaults parse")
     };
     Ok(Loaded {
+        classes: config.num_class_embeds(),
+        guidance: 1.0,
         config,
         unet,
         scheduler,

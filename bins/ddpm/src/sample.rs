@@ -46,6 +46,15 @@ pub struct SamplingArgs {
     /// Use a checkpoint's raw weights instead of its EMA.
     #[arg(long)]
     pub raw: bool,
+    /// Class-conditional models: the classes to draw, in turn over the images (e.g. `3` or
+    /// `0,1,2`). Default: every class in turn.
+    #[arg(long, value_delimiter = ',')]
+    pub class: Vec<u32>,
+    /// Class-conditional models: the classifier-free guidance scale (1 is plain conditional
+    /// sampling; 0 ignores the class). Default: a run's own setting, 1 for a model folder.
+    /// Any scale but 1 takes the model's last class embedding as "no class".
+    #[arg(long)]
+    pub guidance: Option<f64>,
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -115,7 +124,43 @@ pub fn build_sampler(
     Ok((s, schedule))
 }
 
-/// Runs the sampler with a progress bar, calling `on_step` as well.
+/// The class of each of `count` images for a class-conditional model, with the guidance
+/// scale; `None` for an unconditional one (where --class and --guidance are errors).
+pub fn class_labels(
+    a: &SamplingArgs,
+    loaded: &model::Loaded,
+    count: usize,
+) -> Result<Option<(Vec<u32>, f64)>> {
+    let Some(embeds) = loaded.unet.num_class_embeds() else {
+        if !a.class.is_empty() || a.guidance.is_some() {
+            bail!(
+                "--class and --guidance need a class-conditional model (num_class_embeds); {} is unconditional",
+                loaded.source
+            );
+        }
+        return Ok(None);
+    };
+    let guidance = a.guidance.unwrap_or(loaded.guidance);
+    let classes = match loaded.classes {
+        // A model folder asked to guide: its last class embedding is "no class".
+        Some(n) if n == embeds && guidance != 1.0 => n - 1,
+        Some(n) => n,
+        None => embeds,
+    };
+    if let Some(bad) = a.class.iter().find(|&&c| c as usize >= classes) {
+        bail!("--class {bad} out of range: the model draws classes 0..{classes}");
+    }
+    let cycle: Vec<u32> = if a.class.is_empty() {
+        (0..classes as u32).collect()
+    } else {
+        a.class.clone()
+    };
+    let labels = (0..count).map(|i| cycle[i % cycle.len()]).collect();
+    Ok(Some((labels, guidance)))
+}
+
+/// Runs the sampler with a progress bar, calling `on_step` as well. A class-conditional model
+/// draws the classes of [`class_labels`].
 pub fn run_sampler(
     a: &SamplingArgs,
     loaded: &model::Loaded,
@@ -129,10 +174,18 @@ pub fn run_sampler(
     } else {
         ProgressBar::new(scheduler.timesteps().len() as u64)
     };
-    let out = ddpm_sampler::sample(&loaded.unet, scheduler, init, rng, |p| {
+    let device = init.device().clone();
+    let progress = |p: &Progress<'_>| {
         bar.set_position(p.index as u64 + 1);
         on_step(p);
-    })?;
+    };
+    let out = match class_labels(a, loaded, init.dim(0)?)? {
+        Some((labels, scale)) => {
+            let guided = ddpm_unet::Guided::new(&loaded.unet, &labels, scale, &device)?;
+            ddpm_sampler::sample(&guided, scheduler, init, rng, progress)?
+        }
+        None => ddpm_sampler::sample(&loaded.unet, scheduler, init, rng, progress)?,
+    };
     bar.finish_and_clear();
     Ok(out)
 }
@@ -228,7 +281,9 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
     if a.quality {
         let size = samples.dim(2)?;
         let (real, _) = crate::data::DataArgs::default().load(size, 1)?;
-        let report = crate::train::report_quality(&samples, &real)?;
+        let labels = class_labels(&a.sampling, &loaded, samples.dim(0)?)?;
+        let report =
+            crate::train::report_quality(&samples, labels.as_ref().map(|l| &l.0[..]), &real)?;
         let json = serde_json::to_string(&report)?;
         println!("quality json: {json}");
     }

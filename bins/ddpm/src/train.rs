@@ -50,8 +50,8 @@ pub struct TrainArgs {
     /// The starting recipe: mnist (the default for the embedded digits), seed, tiny.
     #[arg(long, default_value = "mnist")]
     pub recipe: String,
-    /// The model: a preset (seed, seed-small, seed-tiny, ddpm-cifar10, mnist, mnist-16) or a
-    /// config.json.
+    /// The model: a preset (seed, seed-small, seed-tiny, ddpm-cifar10, mnist, mnist-16,
+    /// mnist-16-classes) or a config.json.
     #[arg(long)]
     pub model: Option<String>,
     /// The noise schedule preset (seed-linear, ddpm-linear, cosine, scaled-linear, sigmoid).
@@ -126,6 +126,13 @@ pub struct TrainArgs {
     /// Sampling steps for the sample grids and the quality report (the mnist recipe: 100).
     #[arg(long)]
     pub sample_steps: Option<usize>,
+    /// Class-conditional models: the probability of training an image as "no class" (the
+    /// model's last class embedding), for classifier-free guidance (0 turns it off).
+    #[arg(long)]
+    pub class_dropout: Option<f64>,
+    /// Class-conditional models: the guidance scale of the sample grids and the quality report.
+    #[arg(long)]
+    pub guidance: Option<f64>,
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -142,6 +149,11 @@ pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
         } else {
             UnetConfig::preset(m)?
         };
+    }
+    if c.model.num_class_embeds().is_none() {
+        // An unconditional --model under a recipe that guides (mnist): no guidance.
+        c.class_dropout = 0.0;
+        c.guidance_scale = 1.0;
     }
     if let Some(s) = &a.schedule {
         c.schedule = ScheduleConfig::preset(s)?;
@@ -167,6 +179,8 @@ pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
     set!(c.sample_every, a.sample_every);
     set!(c.sample_count, a.sample_count);
     set!(c.sample_steps, a.sample_steps);
+    set!(c.class_dropout, a.class_dropout);
+    set!(c.guidance_scale, a.guidance);
     if let Some(s) = a.sampler {
         c.sampler = match s {
             crate::sample::SamplerArg::Ddpm => GridSampler::Ddpm,
@@ -291,7 +305,8 @@ const QUALITY_MIN: usize = 50;
 fn write_quality(trainer: &Trainer, out: &std::path::Path) -> Result<()> {
     let n = QUALITY_SAMPLES.min(trainer.data().len() / 2);
     let samples = ddpm_trainer::sample_ema(trainer, n)?;
-    let report = report_quality(&samples, trainer.data())?;
+    let labels = ddpm_trainer::sample_labels(trainer.config(), n);
+    let report = report_quality(&samples, labels.as_deref(), trainer.data())?;
     let path = out.join("quality.json");
     let json = serde_json::to_string_pretty(&report)?;
     ddpm_trainer::atomic_write(&path, |f| std::io::Write::write_all(f, json.as_bytes()))
@@ -303,6 +318,7 @@ fn write_quality(trainer: &Trainer, out: &std::path::Path) -> Result<()> {
 /// shipped digit classifier, and prints the report.
 pub fn report_quality(
     samples: &candle_core::Tensor,
+    labels: Option<&[u32]>,
     real: &ddpm_data::ImageSet,
 ) -> Result<ddpm_trainer::quality::QualityReport> {
     use ddpm_trainer::quality::{DigitClassifier, evaluate};
@@ -310,11 +326,16 @@ pub fn report_quality(
     let report = evaluate(
         &model,
         &samples.to_device(&Device::Cpu)?,
+        labels,
         real,
         &Device::Cpu,
     )?;
+    let agreement = report
+        .class_agreement
+        .map(|a| format!(", {:.1}% of the class asked for", 100.0 * a))
+        .unwrap_or_default();
     println!(
-        "quality (digit classifier, {} samples): Frechet distance {:.2} (real digits: {:.2}), {} of 10 classes present, mean confidence {:.2}, class counts {:?}",
+        "quality (digit classifier, {} samples): Frechet distance {:.2} (real digits: {:.2}), {} of 10 classes present, mean confidence {:.2}, class counts {:?}{agreement}",
         report.samples,
         report.frechet_distance,
         report.real_floor,

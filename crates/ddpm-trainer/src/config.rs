@@ -160,12 +160,34 @@ pub struct TrainConfig {
     pub sampler: GridSampler,
     /// Sampling steps for the sample grids and the quality report.
     pub sample_steps: usize,
+    /// For a class-conditional model: the probability of training an image with the "no
+    /// class" label (the model's last class embedding) instead of its own, so that one model
+    /// learns both predictions classifier-free guidance combines (Ho and Salimans 2022 use
+    /// 0.1-0.2). 0 trains plain conditioning, with every class embedding a real class.
+    #[serde(default)]
+    pub class_dropout: f64,
+    /// The classifier-free guidance scale of the sample grids and the quality report of a
+    /// class-conditional model (1 is plain conditional sampling).
+    #[serde(default = "one")]
+    pub guidance_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// The recipe names [`TrainConfig::preset`] accepts.
 pub const RECIPES: [&str; 3] = ["mnist", "seed", "tiny"];
 
 impl TrainConfig {
+    /// The number of real classes a class-conditional model is trained on: its
+    /// `num_class_embeds`, less the "no class" label when `class_dropout` is on. `None` for an
+    /// unconditional model.
+    pub fn classes(&self) -> Option<usize> {
+        let n = self.model.num_class_embeds()?;
+        Some(if self.class_dropout > 0.0 { n - 1 } else { n })
+    }
+
     /// A named recipe:
     /// - `mnist`: the default for the embedded digits (see the README for what it achieves);
     /// - `seed`: the seed tutorial's setup: SimpleUnet, T = 300 linear, L1 on eps, Adam 1e-3;
@@ -199,6 +221,8 @@ impl TrainConfig {
             sample_count: 40,
             sampler: GridSampler::Ddim,
             sample_steps: 50,
+            class_dropout: 0.0,
+            guidance_scale: 1.0,
         };
         Ok(match name {
             "seed" => base,
@@ -208,7 +232,7 @@ impl TrainConfig {
                 // A small UNet2DModel (residual blocks, GroupNorm) rather than the seed's
                 // SimpleUnet: in the same budget, 1000 steps of it reached a Frechet distance
                 // of 34 where 3000 steps of SimpleUnet 16/32/64 reached 60-67 (see the README).
-                model: UnetConfig::preset("mnist-16")?,
+                model: UnetConfig::preset("mnist-16-classes")?,
                 loss: Loss::L2,
                 optimizer: AdamWConfig {
                     lr: 2e-3,
@@ -238,6 +262,15 @@ impl TrainConfig {
                 sample_every: 500,
                 sampler: GridSampler::Ddpm,
                 sample_steps: 100,
+                // Conditioned on the digit, with label dropout for classifier-free guidance.
+                // Unconditional, about one sample in eight was malformed (Frechet distance
+                // 21.5). On this recipe's weights, 500 samples on the same noise: guidance 1
+                // (plain conditioning) gave 15.8 with 93.0% of samples the digit asked for,
+                // 1.25 gave 20.0 / 97.0%, 1.5 31.7 / 99.2%, 2 67.2 / 99.8%, 3 143.6 / 100%. 1.5
+                // draws the class asked for more often than the classifier reads real digits
+                // right (97.6%), at a moderate cost in diversity (see the README).
+                class_dropout: 0.1,
+                guidance_scale: 1.5,
                 ..base
             },
             "tiny" => Self {
@@ -293,6 +326,35 @@ impl TrainConfig {
                 "EMA max_decay must be in [0, 1), got {}",
                 self.ema.max_decay
             );
+        }
+        if !(0.0..1.0).contains(&self.class_dropout) {
+            candle_core::bail!(
+                "class_dropout must be in [0, 1), got {}",
+                self.class_dropout
+            );
+        }
+        if !self.guidance_scale.is_finite() {
+            candle_core::bail!("guidance_scale must be finite, got {}", self.guidance_scale);
+        }
+        match self.model.num_class_embeds() {
+            None if self.class_dropout > 0.0 => candle_core::bail!(
+                "class_dropout {} needs a class-conditional model (num_class_embeds), this one is unconditional",
+                self.class_dropout
+            ),
+            None if self.guidance_scale != 1.0 => candle_core::bail!(
+                "guidance_scale {} needs a class-conditional model (num_class_embeds), this one is unconditional",
+                self.guidance_scale
+            ),
+            Some(n) if self.class_dropout > 0.0 && n < 2 => candle_core::bail!(
+                "class_dropout needs a \"no class\" label besides the classes: num_class_embeds is {n}"
+            ),
+            Some(_) if self.guidance_scale != 1.0 && self.class_dropout == 0.0 => {
+                candle_core::bail!(
+                    "guidance_scale {} needs a model trained with class_dropout (the \"no class\" prediction)",
+                    self.guidance_scale
+                )
+            }
+            _ => {}
         }
         self.schedule
             .validate()

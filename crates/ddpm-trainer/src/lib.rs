@@ -36,5 +36,5 @@ pub use checkpoint::{
     CHECKPOINT_FORMAT, Checkpoint, atomic_write, checkpoint_name, list_checkpoints,
 };
 pub use config::{AdamWConfig, EmaConfig, GridSampler, Loss, LrSchedule, RECIPES, TrainConfig};
-pub use run::{RunPaths, RunSummary, draw_loss_curve, run, sample_ema};
+pub use run::{RunPaths, RunSummary, draw_loss_curve, run, sample_ema, sample_labels};
 pub use trainer::{AdamW, StepMetrics, TrainError, Trainer, ema_step};

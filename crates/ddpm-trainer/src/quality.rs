@@ -146,6 +146,9 @@ pub struct QualityReport {
     pub classes_present: usize,
     /// The mean top-class probability (confident classifications suggest legible digits).
     pub mean_confidence: f64,
+    /// For samples drawn given classes: the fraction the classifier puts in the class asked
+    /// for (`null` for unconditional samples).
+    pub class_agreement: Option<f64>,
 }
 
 fn features(
@@ -195,14 +198,21 @@ pub fn frechet_distance(a: &DMatrix<f64>, b: &DMatrix<f64>) -> f64 {
 }
 
 /// Compares generated digits `[N, 1, 32, 32]` in `[-1, 1]` with `N` real ones from `real`
-/// (and two disjoint real sets with each other, for the floor).
+/// (and two disjoint real sets with each other, for the floor). `labels`, for samples drawn
+/// given classes, are the `N` classes asked for.
 pub fn evaluate(
     model: &DigitClassifier,
     samples: &Tensor,
+    labels: Option<&[u32]>,
     real: &ImageSet,
     device: &Device,
 ) -> candle_core::Result<QualityReport> {
     let n = samples.dim(0)?;
+    if let Some(l) = labels
+        && l.len() != n
+    {
+        candle_core::bail!("{} labels for {n} samples", l.len());
+    }
     if real.len() < 2 * n {
         candle_core::bail!(
             "need {} real digits to compare {n} samples, have {}",
@@ -216,9 +226,13 @@ pub fn evaluate(
     let (fa, _, _) = features(model, &real_a)?;
     let (fb, _, _) = features(model, &real_b)?;
     let mut class_counts = [0usize; 10];
-    for c in classes {
+    for &c in &classes {
         class_counts[c as usize] += 1;
     }
+    let class_agreement = labels.map(|l| {
+        let agree = l.iter().zip(&classes).filter(|(a, b)| a == b).count();
+        agree as f64 / n.max(1) as f64
+    });
     Ok(QualityReport {
         samples: n,
         frechet_distance: frechet_distance(&fs, &fa),
@@ -229,5 +243,6 @@ pub fn evaluate(
             .count(),
         class_counts,
         mean_confidence,
+        class_agreement,
     })
 }

@@ -11,7 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 
 use crate::checkpoint::{atomic_write, checkpoint_name, list_checkpoints};
-use crate::{GridSampler, StepMetrics, Trainer};
+use crate::{GridSampler, StepMetrics, TrainConfig, Trainer};
+use ddpm_unet::Guided;
 
 /// What a finished run wrote, and where.
 #[derive(Debug, Clone)]
@@ -86,9 +87,18 @@ struct MetricsLine {
     elapsed_seconds: f64,
 }
 
+/// The classes [`sample_ema`] draws `count` images of for a class-conditional run: the
+/// classes in turn (`i % classes`), so a grid 10 wide shows each digit in a column. `None` for
+/// an unconditional run.
+pub fn sample_labels(config: &TrainConfig, count: usize) -> Option<Vec<u32>> {
+    let classes = config.classes()?;
+    Some((0..count).map(|i| (i % classes) as u32).collect())
+}
+
 /// Samples `count` images with the EMA weights, with the run's sampler and `sample_steps`
 /// (at most `T`), from noise that depends on the run seed alone, so grids from different steps
-/// are comparable.
+/// are comparable. A class-conditional run samples the classes of [`sample_labels`] with its
+/// `guidance_scale`.
 pub fn sample_ema(trainer: &Trainer, count: usize) -> candle_core::Result<Tensor> {
     let c = trainer.config();
     let schedule = trainer.schedule();
@@ -121,7 +131,13 @@ pub fn sample_ema(trainer: &Trainer, count: usize) -> candle_core::Result<Tensor
     );
     let mut rng = NoiseSource::with_stream(c.seed, u64::MAX);
     let init = rng.randn(shape, trainer.device())?;
-    sample(&unet, sampler.as_ref(), init, &mut rng, |_| {})
+    match sample_labels(c, count) {
+        Some(labels) => {
+            let guided = Guided::new(&unet, &labels, c.guidance_scale, trainer.device())?;
+            sample(&guided, sampler.as_ref(), init, &mut rng, |_| {})
+        }
+        None => sample(&unet, sampler.as_ref(), init, &mut rng, |_| {}),
+    }
 }
 
 /// Trains until `config.steps`, writing into `out`: `config.json`, `metrics.jsonl`, `loss.svg`,

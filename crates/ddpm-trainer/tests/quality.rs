@@ -66,13 +66,13 @@ fn real_digits_score_far_better_than_noise() {
     let real = digits.clone().take(400);
     let held: Vec<usize> = (5000..5200).collect();
     let samples = digits.batch(&held, &[], &Device::Cpu).unwrap();
-    let good = evaluate(&model, &samples, &real, &Device::Cpu).unwrap();
+    let good = evaluate(&model, &samples, None, &real, &Device::Cpu).unwrap();
     let noise = NoiseSource::new(3)
         .randn((200, 1, 32, 32), &Device::Cpu)
         .unwrap()
         .clamp(-1f32, 1f32)
         .unwrap();
-    let bad = evaluate(&model, &noise, &real, &Device::Cpu).unwrap();
+    let bad = evaluate(&model, &noise, None, &real, &Device::Cpu).unwrap();
     assert!(
         good.frechet_distance < 3.0 * good.real_floor.max(1.0),
         "{good:?}"
@@ -85,4 +85,32 @@ fn real_digits_score_far_better_than_noise() {
     );
     assert_eq!(good.classes_present, 10, "{good:?}");
     assert!(good.mean_confidence > 0.9);
+    assert_eq!(good.class_agreement, None);
+}
+
+#[test]
+fn class_agreement_counts_samples_of_the_class_asked_for() {
+    let model = DigitClassifier::pretrained(&Device::Cpu).unwrap();
+    let digits = ImageSet::embedded_mnist().unwrap().pad_to(32).unwrap();
+    let real = digits.clone().take(200);
+    let held: Vec<usize> = (5000..5100).collect();
+    let samples = digits.batch(&held, &[], &Device::Cpu).unwrap();
+    let truth: Vec<u32> = held
+        .iter()
+        .map(|&i| digits.labels().unwrap()[i] as u32)
+        .collect();
+    let right = evaluate(&model, &samples, Some(&truth), &real, &Device::Cpu).unwrap();
+    // The classifier is right on ~99% of held-out digits.
+    let agreement = right.class_agreement.unwrap();
+    assert!(agreement > 0.95, "{agreement}");
+    // Asking for the next class instead: the same images almost never agree.
+    let shifted: Vec<u32> = truth.iter().map(|l| (l + 1) % 10).collect();
+    let wrong = evaluate(&model, &samples, Some(&shifted), &real, &Device::Cpu).unwrap();
+    assert!(wrong.class_agreement.unwrap() < 0.05, "{wrong:?}");
+    // As many labels as samples.
+    let err = evaluate(&model, &samples, Some(&truth[..10]), &real, &Device::Cpu).unwrap_err();
+    assert!(
+        err.to_string().contains("10 labels for 100 samples"),
+        "{err}"
+    );
 }

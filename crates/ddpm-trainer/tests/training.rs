@@ -450,3 +450,126 @@ fn training_does_not_depend_on_the_thread_count() {
         },
     );
 }
+
+/// `tiny_unet2d` conditioned on the digit: 10 classes and "no class".
+fn tiny_class_config() -> TrainConfig {
+    let mut config = tiny();
+    let mut model = tiny_unet2d();
+    if let UnetConfig::Unet2d(c) = &mut model {
+        c.num_class_embeds = Some(11);
+    }
+    config.model = model;
+    config.batch_size = 8;
+    config.class_dropout = 0.3;
+    config.guidance_scale = 2.0;
+    config
+}
+
+#[test]
+fn resume_is_bitwise_exact_with_class_dropout() {
+    let mut config = tiny_class_config();
+    config.steps = 6;
+    check_resume_is_exact(config);
+}
+
+/// The labels reach the model: training moves the class embedding, and the grids draw the
+/// classes in turn with the run's guidance scale.
+#[test]
+fn class_conditional_training_and_grids() {
+    use ddpm_forward::NoiseSource;
+    use ddpm_sampler::{DdimConfig, DdimSampler, sample};
+    use ddpm_trainer::{sample_ema, sample_labels};
+
+    let mut config = tiny_class_config();
+    config.steps = 2;
+    config.sample_steps = 3;
+    let mut trainer = Trainer::new(config.clone(), digits(32), "d", &Device::Cpu).unwrap();
+    // A copy: the optimizer updates the weights in place.
+    let before = trainer.model_tensors()["class_embedding.weight"]
+        .copy()
+        .unwrap();
+    for _ in 0..2 {
+        trainer.train_step().unwrap();
+    }
+    let after = &trainer.model_tensors()["class_embedding.weight"];
+    let moved: Vec<f32> = (after - &before)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    // Each of the 32 images' digits and "no class" appear within two batches of 8 here
+    // (seeded), so each of their rows moves.
+    assert!(moved.iter().filter(|&&m| m > 0.0).count() >= 5, "{moved:?}");
+
+    assert_eq!(
+        sample_labels(&config, 12),
+        Some(vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
+    );
+    let got = sample_ema(&trainer, 3).unwrap();
+    let unet = trainer.ema_unet().unwrap();
+    let sampler = DdimSampler::new(trainer.schedule(), DdimConfig::new(3, 0.0)).unwrap();
+    let expected = |scale: f64| {
+        let mut rng = NoiseSource::with_stream(config.seed, u64::MAX);
+        let init = rng.randn((3, 1, 16, 16), &Device::Cpu).unwrap();
+        let guided = ddpm_unet::Guided::new(&unet, &[0, 1, 2], scale, &Device::Cpu).unwrap();
+        sample(&guided, &sampler, init, &mut rng, |_| {}).unwrap()
+    };
+    let bits = |t: &Tensor| bits(&HashMap::from([(String::new(), t.clone())]));
+    assert_eq!(bits(&got), bits(&expected(2.0)));
+    assert_ne!(bits(&got), bits(&expected(1.0)));
+}
+
+#[test]
+fn class_conditioning_needs_matching_labels() {
+    let err = |config: TrainConfig, data: Arc<ImageSet>| {
+        Trainer::new(config, data, "d", &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+    };
+    // No labels.
+    let unlabelled =
+        Arc::new(ImageSet::from_pixels(vec![0; 4 * 16 * 16], 4, 1, 16, 16, None).unwrap());
+    let e = err(tiny_class_config(), unlabelled);
+    assert!(
+        e.contains("class-conditional") && e.contains("no labels"),
+        "{e}"
+    );
+    // Digits 0..9 into 5 class embeddings, the last one "no class".
+    let mut config = tiny_class_config();
+    if let UnetConfig::Unet2d(c) = &mut config.model {
+        c.num_class_embeds = Some(5);
+    }
+    let e = err(config, digits(64));
+    assert!(e.contains("the model takes classes 0..4"), "{e}");
+    assert!(e.contains("\"no class\""), "{e}");
+    // Label dropout or guidance without class conditioning.
+    let mut config = tiny();
+    config.class_dropout = 0.1;
+    let e = err(config, digits(8));
+    assert!(
+        e.contains("class_dropout 0.1 needs a class-conditional model"),
+        "{e}"
+    );
+    let mut config = tiny();
+    config.guidance_scale = 3.0;
+    let e = err(config, digits(8));
+    assert!(
+        e.contains("guidance_scale 3 needs a class-conditional model"),
+        "{e}"
+    );
+    // Guidance without a "no class" label to guide with.
+    let mut config = tiny_class_config();
+    config.class_dropout = 0.0;
+    let e = err(config, digits(8));
+    assert!(
+        e.contains("needs a model trained with class_dropout"),
+        "{e}"
+    );
+    let mut config = tiny_class_config();
+    config.class_dropout = 1.0;
+    let e = err(config, digits(8));
+    assert!(e.contains("class_dropout must be in [0, 1)"), "{e}");
+}
