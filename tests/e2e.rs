@@ -171,6 +171,7 @@ fn train_resume_export_sample_inspect() {
         "config.json",
         "diffusion_pytorch_model.safetensors",
         "scheduler_config.json",
+        "train_config.json",
     ] {
         assert!(
             dir.join("run/export").join(f).is_file(),
@@ -744,14 +745,25 @@ fn class_conditional_train_sample_export() {
         "--class 10 out of range: the model draws classes 0..10",
     );
 
-    // Exported, the folder samples the same with the same class and guidance.
+    // Exported, the folder samples the same, its train_config.json giving the guidance and
+    // the "no class" label.
     ok(&ddpm(dir, &["export", "run", "--out", "exported"]));
+    ok(&sample("exported", &["--class", "3"], "d.safetensors"));
+    assert_eq!(s("a.safetensors"), s("d.safetensors"));
+    fails(
+        &sample("exported", &["--class", "10"], "x.safetensors"),
+        "--class 10 out of range",
+    );
+    // Without it, a folder is plain diffusers: guidance 1 unless asked, the last class
+    // embedding taken as "no class" only when asked to guide.
+    std::fs::remove_file(dir.join("exported/train_config.json")).unwrap();
     ok(&sample(
         "exported",
         &["--class", "3", "--guidance", "2"],
-        "d.safetensors",
+        "e.safetensors",
     ));
-    assert_eq!(s("a.safetensors"), s("d.safetensors"));
+    assert_eq!(s("a.safetensors"), s("e.safetensors"));
+    ok(&sample("exported", &["--class", "10"], "f.safetensors"));
 
     // An unconditional model takes no classes.
     let mut plain = vec!["train", "--out", "plain", "--steps", "1"];

@@ -12,6 +12,9 @@ use ddpm_schedule::ScheduleConfig;
 use ddpm_trainer::{Checkpoint, RunPaths, TrainConfig};
 use ddpm_unet::{Unet, UnetConfig};
 
+/// The training configuration `ddpm export` writes beside a diffusers folder's own files.
+pub const TRAIN_CONFIG: &str = "train_config.json";
+
 /// A model ready to sample, with the schedule it was trained with.
 pub struct Loaded {
     pub config: UnetConfig,
@@ -20,8 +23,9 @@ pub struct Loaded {
     /// What was loaded, for messages.
     pub source: String,
     /// For a class-conditional model: its real classes and the guidance scale it samples
-    /// with by default (a run's own; 1 for a model folder, whose classes are all its class
-    /// embeddings until --guidance asks for the last one as "no class").
+    /// with by default (a run's own, also from an exported folder's train_config.json; else
+    /// 1, all class embeddings being classes until --guidance asks for the last one as "no
+    /// class").
     pub classes: Option<usize>,
     pub guidance: f64,
 }
@@ -52,8 +56,8 @@ pub fn latest_checkpoint(run: &Path) -> Result<PathBuf> {
 
 /// Loads what `path` names: a run folder (its newest checkpoint), a checkpoint file, or a
 /// folder with `config.json` and `diffusion_pytorch_model.safetensors` (and optionally
-/// `scheduler_config.json`; diffusers' DDPMScheduler defaults otherwise). Checkpoints give their
-/// EMA weights unless `raw`.
+/// `scheduler_config.json`, diffusers' DDPMScheduler defaults otherwise, and the
+/// `train_config.json` of `ddpm export`). Checkpoints give their EMA weights unless `raw`.
 pub fn load(path: &Path, raw: bool, device: &Device) -> Result<Loaded> {
     if !path.exists() {
         bail!("{} does not exist", path.display());
@@ -91,6 +95,24 @@ pub fn load(path: &Path, raw: bool, device: &Device) -> Result<Loaded> {
         );
     }
     let (config, unet) = Unet::from_pretrained(path, device)?;
+    // A folder `ddpm export` wrote says how its classes were trained.
+    let train_path = path.join(TRAIN_CONFIG);
+    let (classes, guidance) = if train_path.is_file() {
+        let text = std::fs::read_to_string(&train_path)
+            .with_context(|| format!("reading {}", train_path.display()))?;
+        let train: TrainConfig =
+            serde_json::from_str(&text).with_context(|| format!("{}", train_path.display()))?;
+        if train.model != config {
+            bail!(
+                "{} describes another model than {}",
+                train_path.display(),
+                path.join("config.json").display()
+            );
+        }
+        (train.classes(), train.guidance_scale)
+    } else {
+        (config.num_class_embeds(), 1.0)
+    };
     let scheduler_path = path.join("scheduler_config.json");
     let scheduler = if scheduler_path.is_file() {
         let text = std::fs::read_to_string(&scheduler_path)
@@ -101,8 +123,8 @@ pub fn load(path: &Path, raw: bool, device: &Device) -> Result<Loaded> {
         SchedulerConfig::from_json("{}").expect("defaults parse")
     };
     Ok(Loaded {
-        classes: config.num_class_embeds(),
-        guidance: 1.0,
+        classes,
+        guidance,
         config,
         unet,
         scheduler,
@@ -112,7 +134,8 @@ pub fn load(path: &Path, raw: bool, device: &Device) -> Result<Loaded> {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ExportFormat {
-    /// A diffusers folder: config.json, diffusion_pytorch_model.safetensors, scheduler_config.json.
+    /// A diffusers folder: config.json, diffusion_pytorch_model.safetensors, scheduler_config.json
+    /// (and the run's train_config.json).
     Diffusers,
     /// One safetensors file of weights with PyTorch's names.
     Safetensors,
@@ -189,6 +212,12 @@ pub fn export_tensors(
             let scheduler = scheduler_for(config.schedule, config.objective);
             let json = scheduler.to_json()?;
             let path = out.join("scheduler_config.json");
+            ddpm_trainer::atomic_write(&path, |f| std::io::Write::write_all(f, json.as_bytes()))
+                .with_context(|| format!("writing {}", path.display()))?;
+            // The run's configuration, for the record and for what config.json cannot say:
+            // whether the last class is "no class", and the guidance scale to sample with.
+            let json = serde_json::to_string_pretty(config)?;
+            let path = out.join(TRAIN_CONFIG);
             ddpm_trainer::atomic_write(&path, |f| std::io::Write::write_all(f, json.as_bytes()))
                 .with_context(|| format!("writing {}", path.display()))?;
         }
