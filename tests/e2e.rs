@@ -782,3 +782,79 @@ fn class_conditional_train_sample_export() {
     );
     assert!(!dir.join("bad").exists());
 }
+
+/// A folder of class subfolders trains a class-conditional model with `--classes`; a class the
+/// model has no room for, or `--classes` on a SimpleUnet, is an error before anything is written.
+#[test]
+fn class_folders_train_with_classes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for (class, value) in [("circle", 40u8), ("square", 200)] {
+        std::fs::create_dir_all(dir.join("shapes").join(class)).unwrap();
+        for i in 0..4u8 {
+            image::RgbImage::from_pixel(20, 20, image::Rgb([value, value + i, 90]))
+                .save(dir.join(format!("shapes/{class}/{i}.png")))
+                .unwrap();
+        }
+    }
+    let base = [
+        "train",
+        "--data",
+        "shapes",
+        "--image-size",
+        "16",
+        "--recipe",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--sample-count",
+        "2",
+        "--sample-steps",
+        "2",
+        "--no-progress",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--out", "run", "--model", "mnist-16", "--classes", "2"]);
+    // mnist-16 takes one channel: the RGB shapes are read as grey.
+    let stdout = ok(&ddpm(dir, &args));
+    assert!(
+        stdout.contains("8 images of 1x16x16, labelled 0..2"),
+        "{stdout}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["train"]["model"]["num_class_embeds"], 3);
+    assert_eq!(config["train"]["class_dropout"], 0.1);
+    ok(&ddpm(
+        dir,
+        &[
+            "sample",
+            "--model",
+            "run",
+            "--class",
+            "1",
+            "--num",
+            "2",
+            "--steps",
+            "2",
+            "--no-progress",
+            "--out",
+            "squares.png",
+        ],
+    ));
+
+    // One class of room for two classes of data.
+    let mut args = base.to_vec();
+    args.extend(["--out", "small", "--model", "mnist-16", "--classes", "1"]);
+    fails(
+        &ddpm(dir, &args),
+        "the data has class 1, the model takes classes 0..1",
+    );
+    let mut args = base.to_vec();
+    args.extend(["--out", "simple", "--classes", "2"]);
+    fails(&ddpm(dir, &args), "--classes needs a UNet2DModel");
+    assert!(!dir.join("small").exists() && !dir.join("simple").exists());
+}

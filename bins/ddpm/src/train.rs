@@ -126,6 +126,10 @@ pub struct TrainArgs {
     /// Sampling steps for the sample grids and the quality report (the mnist recipe: 100).
     #[arg(long)]
     pub sample_steps: Option<usize>,
+    /// Condition a UNet2DModel on the data's N classes (labels 0..N): num_class_embeds N + 1,
+    /// the last "no class" for label dropout, which is 0.1 unless --class-dropout says.
+    #[arg(long)]
+    pub classes: Option<usize>,
     /// Class-conditional models: the probability of training an image as "no class" (the
     /// model's last class embedding), for classifier-free guidance (0 turns it off).
     #[arg(long)]
@@ -149,6 +153,16 @@ pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
         } else {
             UnetConfig::preset(m)?
         };
+    }
+    if let Some(n) = a.classes {
+        let UnetConfig::Unet2d(m) = &mut c.model else {
+            bail!("--classes needs a UNet2DModel (SimpleUnet has no class conditioning)");
+        };
+        crate::positive("--classes", n)?;
+        m.num_class_embeds = Some(n + 1);
+        if c.class_dropout == 0.0 {
+            c.class_dropout = 0.1;
+        }
     }
     if c.model.num_class_embeds().is_none() {
         // An unconditional --model under a recipe that guides (mnist): no guidance.
@@ -269,8 +283,15 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
         if exists {
             std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
         }
+        let classes = set
+            .labels()
+            .map(|l| {
+                let n = l.iter().max().map_or(0, |&m| m as usize + 1);
+                format!(", labelled 0..{n}")
+            })
+            .unwrap_or_default();
         println!(
-            "training on {what}: {} images of {}x{}x{}",
+            "training on {what}: {} images of {}x{}x{}{classes}",
             set.len(),
             set.channels(),
             set.height(),

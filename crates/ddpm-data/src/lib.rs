@@ -9,7 +9,8 @@
 //! - [`ImageSet::embedded_mnist`]: 10,000 MNIST digits compiled into the crate (no network, no
 //!   set-up; provenance in `assets/mnist/README.md`).
 //! - [`ImageSet::read_idx`]: MNIST-format IDX files, raw or gzipped.
-//! - [`ImageSet::image_folder`]: PNG and JPEG files, resized and centre-cropped.
+//! - [`ImageSet::image_folder`]: PNG and JPEG files, resized and centre-cropped, labelled by
+//!   class subfolder as torchvision's `ImageFolder` does.
 //! - [`ImageSet::read_parquet`]: Hugging Face parquet files whose image column holds encoded
 //!   bytes (`ylecun/mnist`, `uoft-cs/cifar10`, ...).
 //!

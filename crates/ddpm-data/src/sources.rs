@@ -128,6 +128,11 @@ impl ImageSet {
     /// Every PNG and JPEG under `dir` (recursively, in path order), resized so the shorter side
     /// is `size`, centre-cropped to `size` x `size`, as `channels` (1: grayscale, 3: RGB).
     /// A file that cannot be decoded is an error naming it; other files are skipped.
+    ///
+    /// Labels follow torchvision's `ImageFolder`: where every image sits in a subfolder of
+    /// `dir` (`dir/cat/1.png`, `dir/dog/x/2.jpg`), an image's class is the index of its
+    /// first-level subfolder among them in name order; up to 256 such classes. With an image
+    /// directly in `dir`, or more classes, the set has no labels.
     pub fn image_folder(dir: &Path, size: usize, channels: usize) -> Result<Self, DataError> {
         check_channels(channels, dir)?;
         let mut files = Vec::new();
@@ -144,7 +149,8 @@ impl ImageSet {
             })?;
             push_chw(&mut pixels, &fit(img, size), channels);
         }
-        Self::from_pixels(pixels, files.len(), channels, size, size, None)
+        let labels = folder_labels(dir, &files);
+        Self::from_pixels(pixels, files.len(), channels, size, size, labels)
             .map_err(|m| format_err(dir, m))
     }
 
@@ -270,6 +276,30 @@ fn check_channels(channels: usize, path: &Path) -> Result<(), DataError> {
             format!("images can be loaded with 1 or 3 channels, not {channels}"),
         ))
     }
+}
+
+/// Each file's first-level subfolder of `dir` as a class index (the subfolders in name order),
+/// or `None` where a file sits in `dir` itself or there are more than 256 classes.
+fn folder_labels(dir: &Path, files: &[PathBuf]) -> Option<Vec<u8>> {
+    let class_of = |f: &PathBuf| -> Option<std::ffi::OsString> {
+        let mut parts = f.strip_prefix(dir).ok()?.components();
+        let first = parts.next()?;
+        parts.next()?; // the file itself lies below it
+        Some(first.as_os_str().to_os_string())
+    };
+    let names: Vec<std::ffi::OsString> = files.iter().map(class_of).collect::<Option<_>>()?;
+    let mut classes = names.clone();
+    classes.sort();
+    classes.dedup();
+    if classes.len() > 256 {
+        return None;
+    }
+    Some(
+        names
+            .iter()
+            .map(|n| classes.binary_search(n).expect("listed") as u8)
+            .collect(),
+    )
 }
 
 fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {

@@ -148,6 +148,8 @@ fn image_folders_resize_crop_and_convert() {
 
     let gray = ImageSet::image_folder(dir.path(), 4, 1).unwrap();
     assert_eq!((gray.channels(), gray.height()), (1, 4));
+    // a.png and c.PNG sit in the folder itself: no classes.
+    assert_eq!(rgb.labels(), None);
 
     std::fs::write(dir.path().join("broken.png"), b"\x89PNG not really").unwrap();
     check_err(
@@ -159,6 +161,40 @@ fn image_folders_resize_crop_and_convert() {
     check_err(
         ImageSet::image_folder(dir.path(), 8, 2),
         &["1 or 3 channels"],
+    );
+}
+
+/// Images in class subfolders are labelled by the subfolder's place in name order, as
+/// torchvision's `ImageFolder` does, nested folders included.
+#[test]
+fn class_subfolders_label_the_images() {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, value) in [
+        ("dog/1.png", 10u8),
+        ("cat/b.png", 20),
+        ("cat/a.png", 30),
+        ("emu/deep/x.png", 40),
+    ] {
+        let path = dir.path().join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        DynamicImage::ImageLuma8(GrayImage::from_pixel(2, 2, image::Luma([value])))
+            .save(path)
+            .unwrap();
+    }
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
+    let set = ImageSet::image_folder(dir.path(), 2, 1).unwrap();
+    // Path order: cat/a, cat/b, dog/1, emu/deep/x; classes cat 0, dog 1, emu 2.
+    let firsts: Vec<u8> = (0..set.len()).map(|i| set.image(i)[0]).collect();
+    assert_eq!(firsts, [30, 20, 10, 40]);
+    assert_eq!(set.labels(), Some(&[0u8, 0, 1, 2][..]));
+
+    // One image beside the class folders: unlabelled.
+    DynamicImage::ImageLuma8(GrayImage::from_pixel(2, 2, image::Luma([0])))
+        .save(dir.path().join("stray.png"))
+        .unwrap();
+    assert_eq!(
+        ImageSet::image_folder(dir.path(), 2, 1).unwrap().labels(),
+        None
     );
 }
 
