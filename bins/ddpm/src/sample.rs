@@ -51,8 +51,9 @@ pub struct SamplingArgs {
     #[arg(long, value_delimiter = ',')]
     pub class: Vec<u32>,
     /// Class-conditional models: the classifier-free guidance scale (1 is plain conditional
-    /// sampling; 0 ignores the class). Default: a run's own setting, 1 for a model folder.
-    /// Any scale but 1 takes the model's last class embedding as "no class".
+    /// sampling; 0 ignores the class). Default: the run's own setting (also from the
+    /// train_config.json of a folder `ddpm export` wrote), else 1. Any scale but 1 takes the
+    /// model's last class embedding as "no class".
     #[arg(long)]
     pub guidance: Option<f64>,
     /// No progress bar.
