@@ -453,10 +453,7 @@ impl Denoiser for Guided<'_> {
                 .forward_with_labels(x_t, t, Some(&self.labels), Mode::Eval);
         };
         let b = x_t.dim(0)?;
-        let t = match t.dims() {
-            [] | [1] => t.reshape(1)?.repeat(b)?,
-            _ => t.clone(),
-        };
+        let t = unet2d::per_sample(t, b, "timesteps")?;
         let x2 = Tensor::cat(&[x_t, x_t], 0)?;
         let t2 = Tensor::cat(&[&t, &t], 0)?;
         let out = self

@@ -452,6 +452,16 @@ impl ResnetBlock2D {
     }
 }
 
+/// `v` (timesteps or class labels, named `what` in the error) as one value per sample of a
+/// batch of `b`: `[b]` as it is, one value (`[1]` or a scalar) repeated, as diffusers allows.
+pub(crate) fn per_sample(v: &Tensor, b: usize, what: &str) -> candle_core::Result<Tensor> {
+    match v.dims() {
+        [] | [1] => v.reshape(1)?.repeat(b),
+        [n] if *n == b => Ok(v.clone()),
+        other => candle_core::bail!("{what} must be [{b}] or a single value, got shape {other:?}"),
+    }
+}
+
 /// `Downsample2D` with a conv: stride 2, kernel 3, padding 1, or padding 0 after padding the
 /// right and bottom edges by one.
 #[derive(Debug, Clone)]
@@ -830,13 +840,7 @@ impl Unet2d {
                 x.dims()
             );
         }
-        let t = match t.dims() {
-            [] | [1] => t.reshape(1)?.repeat(b)?,
-            [n] if *n == b => t.clone(),
-            other => {
-                candle_core::bail!("timesteps must be [{b}] or a single value, got shape {other:?}")
-            }
-        };
+        let t = per_sample(t, b, "timesteps")?;
         let x = if cfg.center_input_sample {
             x.affine(2.0, -1.0)?
         } else {
@@ -856,13 +860,7 @@ impl Unet2d {
         let temb = match (&self.class_embedding, labels) {
             (None, None) => temb,
             (Some(embedding), Some(labels)) => {
-                let labels = match labels.dims() {
-                    [] | [1] => labels.reshape(1)?.repeat(b)?,
-                    [n] if *n == b => labels.clone(),
-                    other => candle_core::bail!(
-                        "class labels must be [{b}] or a single value, got shape {other:?}"
-                    ),
-                };
+                let labels = per_sample(labels, b, "class labels")?;
                 if labels.dtype().is_float() {
                     candle_core::bail!(
                         "class labels must be integers (u8, u32 or i64), got {:?}",
