@@ -754,9 +754,26 @@ fn class_conditional_train_sample_export() {
         &sample("exported", &["--class", "10"], "x.safetensors"),
         "--class 10 out of range",
     );
+    // A train_config.json that does not parse, or describes another model, is an error naming
+    // it.
+    let train_config = dir.join("exported/train_config.json");
+    let good = std::fs::read_to_string(&train_config).unwrap();
+    std::fs::write(&train_config, "{}").unwrap();
+    fails(
+        &sample("exported", &["--class", "3"], "x.safetensors"),
+        "train_config.json",
+    );
+    let mut other: serde_json::Value = serde_json::from_str(&good).unwrap();
+    other["model"]["num_class_embeds"] = 5.into();
+    std::fs::write(&train_config, other.to_string()).unwrap();
+    fails(
+        &sample("exported", &["--class", "3"], "x.safetensors"),
+        "describes another model than",
+    );
+    assert!(!dir.join("x.safetensors").exists());
     // Without it, a folder is plain diffusers: guidance 1 unless asked, the last class
     // embedding taken as "no class" only when asked to guide.
-    std::fs::remove_file(dir.join("exported/train_config.json")).unwrap();
+    std::fs::remove_file(&train_config).unwrap();
     ok(&sample(
         "exported",
         &["--class", "3", "--guidance", "2"],
@@ -856,5 +873,8 @@ fn class_folders_train_with_classes() {
     let mut args = base.to_vec();
     args.extend(["--out", "simple", "--classes", "2"]);
     fails(&ddpm(dir, &args), "--classes needs a UNet2DModel");
+    let mut args = base.to_vec();
+    args.extend(["--out", "small", "--model", "mnist-16", "--classes", "0"]);
+    fails(&ddpm(dir, &args), "--classes must be at least 1, got 0");
     assert!(!dir.join("small").exists() && !dir.join("simple").exists());
 }

@@ -572,4 +572,8 @@ fn class_conditioning_needs_matching_labels() {
     config.class_dropout = 1.0;
     let e = err(config, digits(8));
     assert!(e.contains("class_dropout must be in [0, 1)"), "{e}");
+    let mut config = tiny_class_config();
+    config.guidance_scale = f64::INFINITY;
+    let e = err(config, digits(8));
+    assert!(e.contains("guidance_scale must be finite, got inf"), "{e}");
 }

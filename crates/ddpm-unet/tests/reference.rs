@@ -141,6 +141,16 @@ fn class_labels_are_checked() {
     let e = Guided::new(&unet, &[5], 1.0, &Device::Cpu).unwrap_err();
     assert!(e.to_string().contains("class 5 out of range 0..5"), "{e}");
     assert!(Guided::new(&plain, &[0], 1.0, &Device::Cpu).is_err());
+    let e = Guided::new(&unet, &[0], f64::NAN, &Device::Cpu).unwrap_err();
+    assert!(
+        e.to_string().contains("guidance scale must be finite"),
+        "{e}"
+    );
+    // A wrongly sized timestep tensor is named before the batch is doubled.
+    let guided = Guided::new(&unet, &[0, 1, 2, 3], 2.0, &Device::Cpu).unwrap();
+    let two = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
+    let e = guided.predict(x, &two).unwrap_err().to_string();
+    assert!(e.contains("timesteps must be [4] or a single value"), "{e}");
     // One label for the whole batch broadcasts, as timesteps do.
     let one = Tensor::new(&[3u32], &Device::Cpu).unwrap();
     let all = Tensor::new(&[3u32, 3, 3, 3], &Device::Cpu).unwrap();
