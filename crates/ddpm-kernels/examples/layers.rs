@@ -3,7 +3,8 @@
 //! per layer shape.
 //!
 //! `cargo run --release -p ddpm-kernels --example layers [seed]`: with `seed`, the layers of
-//! the seed's 62M-parameter model (channels 64..1024, 3x64x64, batch 8) instead.
+//! the seed's 62M-parameter model (channels 64..1024, 3x64x64, batch 8) instead. With
+//! `LAYER=n` set, only the table's row `n` (from 0), for profiling one layer.
 
 use std::time::Instant;
 
@@ -65,7 +66,11 @@ fn main() -> candle_core::Result<()> {
         &small_shapes[..]
     };
     println!("| c_in | c_out | size | k | s | T | fwd ms | fwd GFLOP/s | fwd+bwd ms | GFLOP/s |");
-    for &(ci, co, size, k, s, t) in shapes {
+    let only: Option<usize> = std::env::var("LAYER").ok().and_then(|v| v.parse().ok());
+    for (li, &(ci, co, size, k, s, t)) in shapes.iter().enumerate() {
+        if only.is_some_and(|o| o != li) {
+            continue;
+        }
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, size, size, ci), &dev)?)?;
         let (w, out) = if t {
             (Tensor::randn(0f32, 1., (ci, co, k, k), &dev)?, size * 2)

@@ -268,7 +268,7 @@ impl Passes for Conv2d {
 
     fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], b: usize) -> Vec<f32> {
         if let Some(s) = self.winograd(b) {
-            return winograd::conv3x3(x, w, Some(bias), s, true);
+            return winograd::conv3x3(x, winograd::Kernel::Forward(w), Some(bias), s, true);
         }
         let (g, c_out) = (&self.g, self.c_out);
         let (l, ckk, image) = (g.l(), g.ckk(), g.h * g.w * g.c);
@@ -302,13 +302,13 @@ impl Passes for Conv2d {
         if let Some(s) = self.winograd(b) {
             let dw = winograd::kernel_grad3x3(x, dy, s);
             // dx is the same-size 3x3 convolution of dy with the flipped kernel.
-            let flipped = winograd::flipped_kernel(w, g.c, c_out);
             let s = winograd::Shape3x3 {
                 c: c_out,
                 c_out: g.c,
                 ..s
             };
-            return [winograd::conv3x3(dy, &flipped, None, s, false), dw, db];
+            let dx = winograd::conv3x3(dy, winograd::Kernel::Flipped(w), None, s, false);
+            return [dx, dw, db];
         }
         let wr = self.kernel_rows(w);
         let image = hw * g.c;

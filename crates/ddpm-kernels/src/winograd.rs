@@ -15,7 +15,7 @@
 //! value, against candle's convolutions and against a direct sum here).
 //!
 //! Layouts: per block of tiles, `V` is `[tiles, a², C]` (the product for position `ξ` reads
-//! its rows with stride `a² C`), `U` is `[a², C, C_out]` for the whole call, and `M` is
+//! its rows with stride `a² C`), `U` is `[C, a², C_out]` for the whole call (likewise), and `M` is
 //! `[tiles, a², C_out]`. A block is transformed, multiplied and transformed back by one task
 //! while it is in cache; the blocks run in parallel and write disjoint rows of the output, and
 //! each block's arithmetic is the same whatever the thread count, so results are bitwise the
@@ -239,28 +239,90 @@ impl Shape3x3 {
     }
 }
 
-/// `U = G g Gᵀ` for every (output, input) channel pair of `w` `[C_out, C, 3, 3]`, into `u`
-/// `[A², C, C_out]`: each product reads its position's `[C, C_out]` block contiguously.
+/// Which kernel a convolution's `U = G g Gᵀ` comes from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kernel<'a> {
+    /// `[C_out, C, 3, 3]`, the forward pass's.
+    Forward(&'a [f32]),
+    /// The input gradient's: the forward kernel `[C, C_out, 3, 3]` of the convolution whose
+    /// input gradient this is, read with its channels swapped and each 3x3 turned by 180
+    /// degrees (so no flipped copy is written).
+    Flipped(&'a [f32]),
+}
+
+impl Kernel<'_> {
+    /// The 3x3 from input channel `ci` to output channel `o`, row-major.
+    #[inline(always)]
+    fn taps(&self, ci: usize, o: usize, c: usize, c_out: usize) -> [f32; 9] {
+        match *self {
+            Kernel::Forward(w) => w[(o * c + ci) * 9..][..9].try_into().unwrap(),
+            Kernel::Flipped(w) => {
+                let g = &w[(ci * c_out + o) * 9..][..9];
+                std::array::from_fn(|k| g[8 - k])
+            }
+        }
+    }
+}
+
+/// `U = G g Gᵀ` for every (input, output) channel pair, into `u` `[C, A², C_out]`: position
+/// `ξ`'s `[C, C_out]` matrix has row stride `A² C_out`. In parallel over blocks of 8 input
+/// channels; each block walks the output channels 16 at a time, so that `u`'s writes are
+/// whole cache lines and the arithmetic runs on 16 lanes.
 fn kernel_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
-    w: &[f32],
+    kernel: Kernel<'_>,
     c: usize,
     c_out: usize,
     u: &mut [f32],
 ) {
-    // Parallel over rows r of the transform: positions (r, 0..A) need row r of G g alone.
-    u.par_chunks_mut(A * c * c_out)
+    const OUTS: usize = 16;
+    const INS: usize = 8;
+    let pp = A * A;
+    assert!(pp <= 36, "A is at most 6");
+    u.par_chunks_mut(INS * pp * c_out)
         .enumerate()
-        .for_each(|(r, block)| {
-            let gr = &T::G[r];
-            for ci in 0..c {
-                for o in 0..c_out {
-                    let g = &w[(o * c + ci) * 9..][..9];
-                    // Row r of G g, then its products with the rows of G.
-                    let gg: [f32; 3] =
-                        std::array::from_fn(|s| gr[0] * g[s] + gr[1] * g[3 + s] + gr[2] * g[6 + s]);
-                    for (q, gq) in T::G.iter().enumerate() {
-                        block[(q * c + ci) * c_out + o] =
-                            gq[0] * gg[0] + gq[1] * gg[1] + gq[2] * gg[2];
+        .for_each(|(blk, block)| {
+            let ins = block.len() / (pp * c_out);
+            // U for the block's input channels and 16 output channels, `[INS, A², OUTS]`.
+            let mut vals = [[[0f32; OUTS]; 36]; INS];
+            for o0 in (0..c_out).step_by(OUTS) {
+                let outs = OUTS.min(c_out - o0);
+                // The kernels' taps by tap, `[INS, 9, OUTS]`, read along the kernel's adjacent
+                // values (a forward kernel's are adjacent along the input channels, a flipped
+                // one's along the output channels).
+                let mut taps = [[[0f32; OUTS]; 9]; INS];
+                let mut gather = |il: usize, j: usize| {
+                    let g = kernel.taps(blk * INS + il, o0 + j, c, c_out);
+                    for (k, t) in g.into_iter().enumerate() {
+                        taps[il][k][j] = t;
+                    }
+                };
+                match kernel {
+                    Kernel::Forward(_) => {
+                        (0..outs).for_each(|j| (0..ins).for_each(|il| gather(il, j)))
+                    }
+                    Kernel::Flipped(_) => {
+                        (0..ins).for_each(|il| (0..outs).for_each(|j| gather(il, j)))
+                    }
+                }
+                // U for 16 output channels at once.
+                for (vals, g) in vals.iter_mut().zip(&taps).take(ins) {
+                    for (r, gr) in T::G.iter().enumerate() {
+                        // Row r of G g, then its products with the rows of G.
+                        let gg: [[f32; OUTS]; 3] = std::array::from_fn(|s| {
+                            std::array::from_fn(|j| {
+                                gr[0] * g[s][j] + gr[1] * g[3 + s][j] + gr[2] * g[6 + s][j]
+                            })
+                        });
+                        for (q, gq) in T::G.iter().enumerate() {
+                            vals[r * A + q] = std::array::from_fn(|j| {
+                                gq[0] * gg[0][j] + gq[1] * gg[1][j] + gq[2] * gg[2][j]
+                            });
+                        }
+                    }
+                }
+                for (rows, v) in block.chunks_exact_mut(pp * c_out).zip(&vals) {
+                    for (xi, v) in v.iter().take(pp).enumerate() {
+                        rows[xi * c_out + o0..][..outs].copy_from_slice(&v[..outs]);
                     }
                 }
             }
@@ -289,8 +351,8 @@ fn sandwich<const I: usize, const O: usize>(
     }
 }
 
-/// Position `xi`'s values of `n` tiles in a block's transforms `[n, A², ch]`, as a strided
-/// `[n, ch]` matrix.
+/// Position `xi`'s values of an `[n, A², ch]` array (a block's transforms over `n` tiles, or
+/// `U` over `n` input channels), as a strided `[n, ch]` matrix.
 fn at_position<const A: usize>(data: &[f32], xi: usize, n: usize, ch: usize) -> Mat<'_> {
     Mat {
         data: &data[xi * ch..],
@@ -388,7 +450,7 @@ fn grad_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
 /// still in cache. Blocks run in parallel.
 fn conv3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     x: &[f32],
-    w: &[f32],
+    kernel: Kernel<'_>,
     bias: Option<&[f32]>,
     s: Shape3x3,
     keep: bool,
@@ -396,19 +458,22 @@ fn conv3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     let (c, c_out, pp) = (s.c, s.c_out, A * A);
     // U into a kept vector inside a frozen scope (computed only when not kept already), else
     // into scratch.
-    let transform = |u: &mut [f32]| kernel_transform::<T, M, A>(w, c, c_out, u);
+    let transform = |u: &mut [f32]| kernel_transform::<T, M, A>(kernel, c, c_out, u);
     let (mut fresh, kept);
-    let u: &[f32] = if keep && frozen::active() {
-        kept = frozen::kept(A, w, || {
-            let mut u = vec![0f32; pp * c * c_out];
-            transform(&mut u);
-            u
-        });
-        &kept
-    } else {
-        fresh = Scratch::new(pp * c * c_out);
-        transform(&mut fresh);
-        &fresh
+    let u: &[f32] = match kernel {
+        Kernel::Forward(w) if keep && frozen::active() => {
+            kept = frozen::kept(A, w, || {
+                let mut u = vec![0f32; pp * c * c_out];
+                transform(&mut u);
+                u
+            });
+            &kept
+        }
+        _ => {
+            fresh = Scratch::new(pp * c * c_out);
+            transform(&mut fresh);
+            &fresh
+        }
     };
     let zeros = vec![0f32; c.max(c_out)];
     let bias = bias.unwrap_or(&zeros[..c_out]);
@@ -416,7 +481,7 @@ fn conv3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     // M for position xi of `n` tiles, `V [n, C] x U [C, C_out]`, into `dst` (row stride
     // `rs`).
     let product = |xi: usize, n: usize, v: &[f32], dst: &mut [f32], rs: usize| {
-        let rhs = Mat::rows(&u[xi * c * c_out..][..c * c_out], c, c_out);
+        let rhs = at_position::<A>(u, xi, c, c_out);
         matmul_serial(dst, rs, at_position::<A>(v, xi, n, c), rhs, false);
     };
     let tiles = s.tiles(M);
@@ -508,7 +573,11 @@ fn kernel_grad3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     let blocks = s.tile_blocks(M, target);
     let most = blocks.iter().map(|b| b.1).max().unwrap_or(0);
     let zeros = vec![0f32; c.max(c_out)];
-    let size = pp * c * c_out;
+    // dU as [A², C_out, C], each position's matrix followed by `GAP` unused values: with
+    // `C C_out` a multiple of 4096 bytes, the A² rows that `dg` reads at once would otherwise
+    // share one set of every cache level and evict each other.
+    let stride = c * c_out + GAP;
+    let size = pp * stride;
     let (v_len, g_len) = (most * pp * c, most * pp * c_out);
     // The block's transforms: V [tiles, A², C] and A dY Aᵀ [tiles, A², C_out].
     let transforms = |t0: usize, n: usize, v: &mut [f32], g: &mut [f32], tmp: &mut [f32]| {
@@ -519,13 +588,12 @@ fn kernel_grad3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
             grad_transform::<T, M, A>(dy, &s, t0 + i, &zeros[..c_out], tmp, gt);
         }
     };
-    // dU for position xi from the block's transforms, into `dst` `[C, C_out]`.
+    // dU for position xi from the block's transforms, into `dst` `[C_out, C]`.
     let product = |xi: usize, n: usize, v: &[f32], g: &[f32], dst: &mut [f32], acc: bool| {
-        let lhs = at_position::<A>(v, xi, n, c).t();
-        let rhs = at_position::<A>(g, xi, n, c_out);
-        matmul_serial(dst, c_out, lhs, rhs, acc);
+        let lhs = at_position::<A>(g, xi, n, c_out).t();
+        let rhs = at_position::<A>(v, xi, n, c);
+        matmul_serial(dst, c, lhs, rhs, acc);
     };
-    // dU as [A², C, C_out].
     let du = if blocks.len() < 2 {
         let mut v = Scratch::new(v_len);
         let mut g = Scratch::new(g_len);
@@ -539,7 +607,7 @@ fn kernel_grad3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
                 })
             });
         let mut du = vec![0f32; size];
-        du.par_chunks_mut(c * c_out)
+        du.par_chunks_mut(stride)
             .enumerate()
             .for_each(|(xi, dst)| product(xi, tiles, &v, &g, dst, false));
         du
@@ -558,7 +626,7 @@ fn kernel_grad3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
                     for (k, &(t0, n)) in blocks.iter().enumerate().skip(lane).step_by(lanes) {
                         transforms(t0, n, v, g, tmp);
                         for xi in 0..pp {
-                            product(xi, n, v, g, &mut du[xi * c * c_out..], k >= lanes);
+                            product(xi, n, v, g, &mut du[xi * stride..], k >= lanes);
                         }
                     }
                 })
@@ -566,50 +634,35 @@ fn kernel_grad3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
         // The lanes' sums added in order, in parallel over elements.
         sum_lanes(&partial, size)
     };
-    // dg = Gᵀ dU G for every (output, input) channel pair: per input channel into
-    // [C, C_out, 9], then arranged as [C_out, C, 3, 3].
+    // dg = Gᵀ dU G for every (output, input) channel pair, into `[C_out, C, 3, 3]`: per
+    // output channel, the A² rows of dU it reads are runs along the input channels.
     let gt: [[f32; A]; 3] = const { transpose(T::G) };
-    let mut by_input = vec![0f32; c * c_out * 9];
-    by_input
-        .par_chunks_mut(c_out * 9)
-        .enumerate()
-        .for_each(|(ci, block)| {
-            for (o, k) in block.chunks_exact_mut(9).enumerate() {
-                let e = |xi: usize| du[(xi * c + ci) * c_out + o];
-                for i in 0..3 {
-                    // Row i of Gᵀ dU, then its product with column j of G.
-                    let row: [f32; A] =
-                        std::array::from_fn(|q| dot(&gt[i], std::array::from_fn(|r| e(r * A + q))));
-                    for j in 0..3 {
-                        k[i * 3 + j] = dot(&gt[j], row);
+    let mut dw = vec![0f32; c_out * c * 9];
+    dw.par_chunks_mut(c * 9).enumerate().for_each(|(o, block)| {
+        // 16 input channels at a time: their A² values of dU, `[A², 16]`, give their 3x3s.
+        const LANE: usize = 16;
+        let mut e = [[0f32; LANE]; 36];
+        for (ch, k) in block.chunks_mut(9 * LANE).enumerate() {
+            let (ci, n) = (ch * LANE, k.len() / 9);
+            for (xi, e) in e.iter_mut().take(pp).enumerate() {
+                e[..n].copy_from_slice(&du[xi * stride + o * c + ci..][..n]);
+            }
+            for i in 0..3 {
+                // Row i of Gᵀ dU, then its product with column j of G.
+                let row: [[f32; LANE]; A] = std::array::from_fn(|q| {
+                    std::array::from_fn(|l| dot(&gt[i], std::array::from_fn(|r| e[r * A + q][l])))
+                });
+                for j in 0..3 {
+                    let tap: [f32; LANE] =
+                        std::array::from_fn(|l| dot(&gt[j], std::array::from_fn(|q| row[q][l])));
+                    for (l, v) in tap.iter().take(n).enumerate() {
+                        k[l * 9 + i * 3 + j] = *v;
                     }
                 }
             }
-        });
-    let mut dw = vec![0f32; c_out * c * 9];
-    dw.par_chunks_mut(c * 9).enumerate().for_each(|(o, block)| {
-        for (ci, k) in block.chunks_exact_mut(9).enumerate() {
-            k.copy_from_slice(&by_input[(ci * c_out + o) * 9..][..9]);
         }
     });
     dw
-}
-
-/// The kernel of the input gradient of a 3x3 padding-1 convolution: `w` `[C_out, C, 3, 3]`
-/// with its channels swapped and each 3x3 turned by 180 degrees, `[C, C_out, 3, 3]`.
-pub(crate) fn flipped_kernel(w: &[f32], c: usize, c_out: usize) -> Vec<f32> {
-    let mut f = vec![0f32; w.len()];
-    f.par_chunks_mut(c_out * 9)
-        .enumerate()
-        .for_each(|(ci, block)| {
-            for (o, k) in block.chunks_exact_mut(9).enumerate() {
-                let g = &w[(o * c + ci) * 9..][..9];
-                for (i, v) in k.iter_mut().enumerate() {
-                    *v = g[8 - i];
-                }
-            }
-        });
-    f
 }
 
 /// The tiling that runs a convolution's forward pass (or its input gradient, the same shape
@@ -619,6 +672,10 @@ enum Choice {
     F2,
     F4,
 }
+
+/// Values left unused after each position's matrix in a kernel gradient's `dU`, so that the
+/// positions' rows fall in different cache sets.
+const GAP: usize = 16;
 
 /// Below this many tiles, a forward pass runs as one block with its products in parallel over
 /// positions.
@@ -654,14 +711,14 @@ pub(crate) fn pays_off(s: &Shape3x3) -> bool {
 /// [`pays_off`]).
 pub(crate) fn conv3x3(
     x: &[f32],
-    w: &[f32],
+    kernel: Kernel<'_>,
     bias: Option<&[f32]>,
     s: Shape3x3,
     keep: bool,
 ) -> Vec<f32> {
     match choose(&s) {
-        Some(Choice::F4) => conv3x3_by::<F4, 4, 6>(x, w, bias, s, keep),
-        _ => conv3x3_by::<F2, 2, 4>(x, w, bias, s, keep),
+        Some(Choice::F4) => conv3x3_by::<F4, 4, 6>(x, kernel, bias, s, keep),
+        _ => conv3x3_by::<F2, 2, 4>(x, kernel, bias, s, keep),
     }
 }
 
@@ -742,6 +799,32 @@ mod tests {
         dw.into_iter().map(|v| v as f32).collect()
     }
 
+    /// The direct input gradient of [`direct`] for output gradient `dy`.
+    fn direct_input_grad(w: &[f32], dy: &[f32], s: &Shape3x3) -> Vec<f32> {
+        let mut dx = vec![0f64; s.b * s.h * s.w * s.c];
+        for bi in 0..s.b {
+            for yy in 0..s.h {
+                for xx in 0..s.w {
+                    for (i, j) in (0..3).flat_map(|i| (0..3).map(move |j| (i, j))) {
+                        let (py, px) = (yy as isize + i as isize - 1, xx as isize + j as isize - 1);
+                        if py < 0 || px < 0 || py as usize >= s.h || px as usize >= s.w {
+                            continue;
+                        }
+                        let at = ((bi * s.h + py as usize) * s.w + px as usize) * s.c;
+                        let g = ((bi * s.h + yy) * s.w + xx) * s.c_out;
+                        for o in 0..s.c_out {
+                            for ci in 0..s.c {
+                                dx[at + ci] +=
+                                    (dy[g + o] * w[(o * s.c + ci) * 9 + i * 3 + j]) as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        dx.into_iter().map(|v| v as f32).collect()
+    }
+
     fn assert_close(what: &str, ours: &[f32], reference: &[f32]) {
         let scale = reference.iter().fold(1f32, |m, v| m.max(v.abs()));
         for (i, (a, b)) in ours.iter().zip(reference).enumerate() {
@@ -752,7 +835,7 @@ mod tests {
         }
     }
 
-    /// Both tilings against the direct sums, forward and kernel gradient, on odd sizes (tiles
+    /// Both tilings against the direct sums, forward and both gradients, on odd sizes (tiles
     /// cut by the map's edge), several blocks of rows and of whole images, one image and
     /// channel counts that are not multiples of 8. The kernel gradient's shapes include both
     /// its paths: lanes over several blocks, and one block with the positions in parallel.
@@ -772,16 +855,33 @@ mod tests {
             let dy = values(b * h * w * c_out, 4);
             let y = direct(&x, &wt, &bias, &s);
             let dw = direct_kernel_grad(&x, &dy, &s);
+            let dx = direct_input_grad(&wt, &dy, &s);
+            // The input gradient: the same-size convolution of dy by the flipped kernel.
+            let swapped = Shape3x3 {
+                c: c_out,
+                c_out: c,
+                ..s
+            };
             let what = format!("b{b} {c}->{c_out} {h}x{w}");
             assert_close(
                 &format!("F2 forward {what}"),
-                &conv3x3_by::<F2, 2, 4>(&x, &wt, Some(&bias), s, false),
+                &conv3x3_by::<F2, 2, 4>(&x, Kernel::Forward(&wt), Some(&bias), s, false),
                 &y,
             );
             assert_close(
                 &format!("F4 forward {what}"),
-                &conv3x3_by::<F4, 4, 6>(&x, &wt, Some(&bias), s, false),
+                &conv3x3_by::<F4, 4, 6>(&x, Kernel::Forward(&wt), Some(&bias), s, false),
                 &y,
+            );
+            assert_close(
+                &format!("F2 input gradient {what}"),
+                &conv3x3_by::<F2, 2, 4>(&dy, Kernel::Flipped(&wt), None, swapped, false),
+                &dx,
+            );
+            assert_close(
+                &format!("F4 input gradient {what}"),
+                &conv3x3_by::<F4, 4, 6>(&dy, Kernel::Flipped(&wt), None, swapped, false),
+                &dx,
             );
             assert_close(
                 &format!("F2 kernel gradient {what}"),
