@@ -1,5 +1,6 @@
 //! Data rearrangements around the matmuls: NCHW <-> NHWC, im2row and its adjoint row2im (on
-//! NHWC images), and the kernel permutation `[O, C, k, k]` <-> `[O, k, k, C]`. Each runs in
+//! NHWC images), and the kernel permutations `[O, C, k, k]` <-> `[O, k, k, C]` and
+//! `[O, C, k, k]` -> `[k, k, C, O]`. Each runs in
 //! parallel over pieces of its output that no other piece writes, and sums (row2im) in a
 //! fixed order, so results do not depend on the thread count.
 
@@ -122,6 +123,52 @@ pub(crate) fn kernel_to_rows(w: &[f32], o: usize, c: usize, kk: usize, out: &mut
 /// A kernel `[O, k, k, C]` back to `[O, C, k, k]`.
 pub(crate) fn kernel_from_rows(w: &[f32], o: usize, c: usize, kk: usize, out: &mut [f32]) {
     transpose_batch(w, o, kk, c, None, out);
+}
+
+/// A kernel `[O, C, k, k]` as `[k, k, C, O]`: the kernel of [`kernel_to_rows`] transposed,
+/// `[k*k*C, O]`. As the right-hand side of `rows x kernel`, its output channels are adjacent,
+/// which lets `gemm` pack it in parallel; the transposed `[O, k*k*C]` it packs on the calling
+/// thread first. In parallel over blocks of 16 input channels, each through tiles of 16 x 16
+/// (input, output) channels, so that reads and writes are runs of adjacent values.
+pub(crate) fn kernel_to_columns(w: &[f32], o: usize, c: usize, kk: usize, out: &mut [f32]) {
+    const EDGE: usize = 16;
+    debug_assert_eq!(w.len(), o * c * kk);
+    debug_assert_eq!(out.len(), o * c * kk);
+    if w.is_empty() {
+        return;
+    }
+    // Task b writes rows (k, b*EDGE..) of every tap k: its pieces of the k*k planes [C, O].
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..c.div_ceil(EDGE)).map(|_| Vec::new()).collect();
+    for plane in out.chunks_mut(c * o) {
+        for (task, piece) in tasks.iter_mut().zip(plane.chunks_mut(EDGE * o)) {
+            task.push(piece);
+        }
+    }
+    tasks
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(b, mut planes)| {
+            let (c0, cn) = (b * EDGE, EDGE.min(c - b * EDGE));
+            let mut tile = vec![0f32; kk * EDGE * EDGE];
+            for o0 in (0..o).step_by(EDGE) {
+                let on = EDGE.min(o - o0);
+                // tile[k][ci][oi], from each output channel's run of cn * kk values.
+                for oi in 0..on {
+                    let src = &w[((o0 + oi) * c + c0) * kk..][..cn * kk];
+                    for (ci, taps) in src.chunks_exact(kk).enumerate() {
+                        for (k, &v) in taps.iter().enumerate() {
+                            tile[(k * EDGE + ci) * EDGE + oi] = v;
+                        }
+                    }
+                }
+                for (k, piece) in planes.iter_mut().enumerate() {
+                    for ci in 0..cn {
+                        piece[ci * o + o0..][..on]
+                            .copy_from_slice(&tile[(k * EDGE + ci) * EDGE..][..on]);
+                    }
+                }
+            }
+        });
 }
 
 /// NHWC `x` `[B, H, W, C]` into `rows` `[B*L, k*k*C]`: row `b * L + oy * Wo + ox` is the
@@ -283,4 +330,31 @@ pub(crate) fn sum_lanes(partial: &[f32], size: usize) -> Vec<f32> {
         }
     });
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `[O, C, k, k]` -> `[k, k, C, O]` element by element, on channel counts below, at and
+    /// past the tiles' edge of 16.
+    #[test]
+    fn kernel_to_columns_permutes() {
+        for (o, c, kk) in [(1, 1, 1), (3, 5, 9), (16, 16, 9), (17, 33, 16), (40, 7, 4)] {
+            let w: Vec<f32> = (0..o * c * kk).map(|i| i as f32).collect();
+            let mut out = vec![f32::NAN; w.len()];
+            kernel_to_columns(&w, o, c, kk, &mut out);
+            for oo in 0..o {
+                for ci in 0..c {
+                    for k in 0..kk {
+                        assert_eq!(
+                            out[(k * c + ci) * o + oo].to_bits(),
+                            w[(oo * c + ci) * kk + k].to_bits(),
+                            "o {oo} c {ci} k {k} of {o}x{c}x{kk}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -80,8 +80,8 @@ use rayon::prelude::*;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use layout::{
-    Geometry, channel_sums_nhwc, im2row, im2row_serial, kernel_from_rows, kernel_to_rows,
-    nchw_to_nhwc, nhwc_to_nchw, row2im, row2im_serial, sum_lanes, transpose,
+    Geometry, channel_sums_nhwc, im2row, im2row_serial, kernel_from_rows, kernel_to_columns,
+    kernel_to_rows, nchw_to_nhwc, nhwc_to_nchw, row2im, row2im_serial, sum_lanes, transpose,
 };
 use matmul::{Mat, Scratch, matmul, matmul_serial, with_local_scratch};
 
@@ -247,6 +247,13 @@ impl Conv2d {
         kernel_to_rows(w, self.c_out, self.g.c, self.g.k * self.g.k, &mut wr);
         wr
     }
+
+    /// The kernel as `[k*k*C, C_out]`, the right-hand side of `rows x kernel`.
+    fn kernel_columns(&self, w: &[f32]) -> Scratch {
+        let mut wc = Scratch::new(w.len());
+        kernel_to_columns(w, self.c_out, self.g.c, self.g.k * self.g.k, &mut wc);
+        wc
+    }
 }
 
 impl Passes for Conv2d {
@@ -272,8 +279,8 @@ impl Passes for Conv2d {
         }
         let (g, c_out) = (&self.g, self.c_out);
         let (l, ckk, image) = (g.l(), g.ckk(), g.h * g.w * g.c);
-        let wr = self.kernel_rows(w);
-        let wt = Mat::rows(&wr, c_out, ckk).t();
+        let wc = self.kernel_columns(w);
+        let wt = Mat::rows(&wc, ckk, c_out);
         let mut y = bias_rows(bias, b * l * c_out);
         let Some(per) = blocking(b, l, c_out) else {
             // bias + rows [B*L, k*k*C] times the kernel transposed, [B*L, C_out]: positions
@@ -360,6 +367,14 @@ impl ConvTranspose2d {
         kernel_to_rows(w, self.c_in, self.g.c, self.g.k * self.g.k, &mut wr);
         wr
     }
+
+    /// The kernel `[C_in, C_out, k, k]` as `[k*k*C_out, C_in]`, the right-hand side of
+    /// `rows x kernel` in the input gradient.
+    fn kernel_columns(&self, w: &[f32]) -> Scratch {
+        let mut wc = Scratch::new(w.len());
+        kernel_to_columns(w, self.c_in, self.g.c, self.g.k * self.g.k, &mut wc);
+        wc
+    }
 }
 
 impl Passes for ConvTranspose2d {
@@ -409,7 +424,8 @@ impl Passes for ConvTranspose2d {
         let (g, c_in) = (&self.g, self.c_in);
         let (l, ckk, image) = (g.l(), g.ckk(), g.h * g.w * g.c);
         let db = channel_sums_nhwc(dy, g.c);
-        let wr = self.kernel_rows(w);
+        let wc = self.kernel_columns(w);
+        let wc = Mat::rows(&wc, ckk, c_in);
         let mut dx = vec![0f32; b * l * c_in];
         let per = blocking(b, l, c_in);
         let lanes = per.map_or(0, |per| lanes_for(b.div_ceil(per), c_in * ckk));
@@ -426,7 +442,7 @@ impl Passes for ConvTranspose2d {
                     with_local_scratch(n * l * ckk, |rows| {
                         im2row_serial(&dy[i * per * image..][..n * image], n, g, rows);
                         let rows = Mat::rows(rows, n * l, ckk);
-                        matmul_serial(dxb, c_in, rows, Mat::rows(&wr, c_in, ckk).t(), false);
+                        matmul_serial(dxb, c_in, rows, wc, false);
                         let xb = Mat::rows(&x[i * per * l * c_in..][..n * l * c_in], n * l, c_in);
                         matmul_serial(acc, ckk, xb.t(), rows, !first);
                     });
@@ -437,7 +453,7 @@ impl Passes for ConvTranspose2d {
             let mut rows = Scratch::new(b * l * ckk);
             im2row(dy, b, g, &mut rows);
             let rows = Mat::rows(&rows, b * l, ckk);
-            matmul(&mut dx, c_in, rows, Mat::rows(&wr, c_in, ckk).t(), false);
+            matmul(&mut dx, c_in, rows, wc, false);
             let mut dwr = vec![0f32; c_in * ckk];
             matmul(&mut dwr, ckk, Mat::rows(x, b * l, c_in).t(), rows, false);
             dwr
