@@ -16,6 +16,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 /// Floats the entries of one thread may hold in all (copies of kernels and their transforms):
 /// 512 MiB.
 pub(crate) const BUDGET: usize = 1 << 27;
@@ -99,13 +101,17 @@ pub fn with_frozen_weights<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Whether `a` and `b` hold the same bits (not float equality: -0 and 0 differ, NaNs match
-/// themselves).
+/// themselves). In parallel over pieces of 64 Ki values: it reads every kept kernel twice on
+/// every call, which on one thread left the others waiting.
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    const PIECE: usize = 1 << 16;
     a.len() == b.len()
-        && a.chunks(256).zip(b.chunks(256)).all(|(x, y)| {
-            x.iter()
-                .zip(y)
-                .fold(true, |same, (p, q)| same & (p.to_bits() == q.to_bits()))
+        && a.par_chunks(PIECE).zip(b.par_chunks(PIECE)).all(|(x, y)| {
+            x.chunks(256).zip(y.chunks(256)).all(|(x, y)| {
+                x.iter()
+                    .zip(y)
+                    .fold(true, |same, (p, q)| same & (p.to_bits() == q.to_bits()))
+            })
         })
 }
 
