@@ -21,6 +21,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::matmul::zeroed;
 use crate::{contiguous_f32, tensor, with_data};
 
 /// The op: `groups` groups, `eps`, with or without the SiLU, and the per-slab mean and
@@ -179,7 +180,7 @@ impl GroupNorm {
         channels: usize,
         hw: usize,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = zeroed(x.len());
         let sums = if self.nhwc {
             self.backward_nhwc(x, w, b, dy, saved, &mut dx)
         } else {
@@ -278,7 +279,7 @@ impl GroupNorm {
     ) -> (Vec<f32>, Vec<(f32, f32)>) {
         let per_group = channels / self.groups;
         let slab = per_group * hw;
-        let mut y = vec![0f32; x.len()];
+        let mut y = zeroed(x.len());
         let stats: Vec<(f32, f32)> = y
             .par_chunks_mut(slab)
             .zip(x.par_chunks(slab))
@@ -325,7 +326,7 @@ impl GroupNorm {
         let sample = positions * channels;
         let count = (positions * per_group) as f64;
         let simd = pulp::Arch::new();
-        let mut y = vec![0f32; x.len()];
+        let mut y = zeroed(x.len());
         let stats: Vec<Vec<(f32, f32)>> = y
             .par_chunks_mut(sample)
             .zip(x.par_chunks(sample))

@@ -83,7 +83,7 @@ use layout::{
     Geometry, channel_sums_nhwc, im2row, im2row_serial, kernel_from_rows, kernel_to_columns,
     kernel_to_rows, nchw_to_nhwc, nhwc_to_nchw, row2im, row2im_serial, sum_lanes, transpose,
 };
-use matmul::{Mat, Scratch, matmul, matmul_serial, with_local_scratch};
+use matmul::{Mat, Scratch, matmul, matmul_serial, with_local_scratch, zeroed};
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
@@ -192,7 +192,7 @@ fn over_lanes(
     for (i, part) in out.chunks_mut(chunk.max(1)).enumerate() {
         work[i % lanes].push((i, part));
     }
-    let mut partial = vec![0f32; lanes * size];
+    let mut partial = zeroed(lanes * size);
     partial
         .par_chunks_mut(size.max(1))
         .zip(work)
@@ -206,7 +206,7 @@ fn over_lanes(
 
 /// `len` values of `bias` repeated: the rows a product then accumulates onto.
 fn bias_rows(bias: &[f32], len: usize) -> Vec<f32> {
-    let mut y = vec![0f32; len];
+    let mut y = zeroed(len);
     if !bias.is_empty() {
         y.par_chunks_mut(bias.len() * 256).for_each(|block| {
             for row in block.chunks_exact_mut(bias.len()) {
@@ -319,7 +319,7 @@ impl Passes for Conv2d {
         }
         let wr = self.kernel_rows(w);
         let image = hw * g.c;
-        let mut dx = vec![0f32; b * image];
+        let mut dx = zeroed(b * image);
         let mut dwr = Scratch::new(c_out * ckk);
         let per = blocking(b, l, c_out);
         let lanes = per.map_or(0, |per| lanes_for(b.div_ceil(per), c_out * ckk));
@@ -354,7 +354,7 @@ impl Passes for Conv2d {
             matmul(&mut rows, ckk, dyh, Mat::rows(&wr, c_out, ckk), false);
             row2im(&rows, b, g, None, &mut dx);
         }
-        let mut dw = vec![0f32; c_out * ckk];
+        let mut dw = zeroed(c_out * ckk);
         kernel_from_rows(&dwr, c_out, g.c, g.k * g.k, &mut dw);
         [dx, dw, db]
     }
@@ -399,7 +399,7 @@ impl Passes for ConvTranspose2d {
         let (l, ckk, image) = (g.l(), g.ckk(), g.h * g.w * g.c);
         let wr = self.kernel_rows(w);
         let wm = Mat::rows(&wr, c_in, ckk);
-        let mut y = vec![0f32; b * image];
+        let mut y = zeroed(b * image);
         let Some(per) = blocking(b, l, c_in) else {
             // rows = x w [B*L, k*k*C_out], summed by row2im onto the bias.
             let mut rows = Scratch::new(b * l * ckk);
@@ -426,7 +426,7 @@ impl Passes for ConvTranspose2d {
         let db = channel_sums_nhwc(dy, g.c);
         let wc = self.kernel_columns(w);
         let wc = Mat::rows(&wc, ckk, c_in);
-        let mut dx = vec![0f32; b * l * c_in];
+        let mut dx = zeroed(b * l * c_in);
         let per = blocking(b, l, c_in);
         let lanes = per.map_or(0, |per| lanes_for(b.div_ceil(per), c_in * ckk));
         let dwr = if let (Some(per), true) = (per, lanes > 0) {
@@ -454,11 +454,11 @@ impl Passes for ConvTranspose2d {
             im2row(dy, b, g, &mut rows);
             let rows = Mat::rows(&rows, b * l, ckk);
             matmul(&mut dx, c_in, rows, wc, false);
-            let mut dwr = vec![0f32; c_in * ckk];
+            let mut dwr = zeroed(c_in * ckk);
             matmul(&mut dwr, ckk, Mat::rows(x, b * l, c_in).t(), rows, false);
             dwr
         };
-        let mut dw = vec![0f32; c_in * ckk];
+        let mut dw = zeroed(c_in * ckk);
         kernel_from_rows(&dwr, c_in, g.c, g.k * g.k, &mut dw);
         [dx, dw, db]
     }
@@ -556,7 +556,7 @@ fn to_nhwc(x: &[f32], b: usize, c: usize) -> Scratch {
 
 /// NHWC `x` (batch `b`, `c` channels) as NCHW.
 fn to_nchw(x: &[f32], b: usize, c: usize) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeroed(x.len());
     nhwc_to_nchw(x, b, c, x.len() / (b * c).max(1), None, &mut y);
     y
 }

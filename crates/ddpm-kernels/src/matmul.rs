@@ -124,6 +124,19 @@ fn product(
     }
 }
 
+/// `n` zeros, written by rayon's threads where `n` is large (from 1 MiB): `vec![0.0; n]` gets
+/// memory the allocator has reused and clears it on the calling thread, while the others
+/// wait. An op's outputs are made on the thread that runs the op.
+pub(crate) fn zeroed(n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    if n < 1 << 18 {
+        return vec![0.0; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.par_extend(rayon::iter::repeat_n(0f32, n));
+    v
+}
+
 /// Scratch buffers kept between calls. A fresh large allocation costs a page fault and a
 /// page clear per 4 KiB on first touch; a convolution's column matrix is tens of megabytes, so
 /// reusing them saves a pass over memory per op. Callers overwrite what they use.

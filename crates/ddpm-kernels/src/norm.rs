@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::layout::row_sums;
+use crate::matmul::zeroed;
 use crate::{contiguous_f32, tensor, with_data};
 
 /// The statistics of one batch that a training-mode BatchNorm normalised with.
@@ -179,7 +180,7 @@ impl CustomOp3 for ReluBatchNorm {
         let shift: Vec<f32> = (0..channels)
             .map(|c| b[c] - saved.mean[c] * scale[c])
             .collect();
-        let mut y = vec![0f32; x.len()];
+        let mut y = zeroed(x.len());
         if self.nhwc {
             map_rows(&mut y, x, channels, |c, v| v.max(0.0) * scale[c] + shift[c]);
         } else {
@@ -261,7 +262,7 @@ fn backward(x: &[f32], w: &[f32], dy: &[f32], saved: &Saved, channels: usize, hw
     let dw: Vec<f32> = sums.iter().map(|s| s.0).collect();
     let db: Vec<f32> = sums.iter().map(|s| s.1).collect();
     // d relu(x) = w inv_std (dy - db / M - xhat dw / M); dx = that where x > 0.
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeroed(x.len());
     dx.par_chunks_mut(channels * hw)
         .zip(
             x.par_chunks(channels * hw)
@@ -314,7 +315,7 @@ fn backward_nhwc(x: &[f32], w: &[f32], dy: &[f32], saved: &Saved, channels: usiz
     let k: Vec<f32> = (0..channels).map(|c| w[c] * saved.inv_std[c]).collect();
     let mean_dy: Vec<f32> = db.iter().map(|&v| (f64::from(v) / count) as f32).collect();
     let mean_dy_xhat: Vec<f32> = dw.iter().map(|&v| (f64::from(v) / count) as f32).collect();
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeroed(x.len());
     map_rows2(&mut dx, x, dy, channels, |c, v, g| {
         if v > 0.0 {
             let xhat = (v - saved.mean[c]) * saved.inv_std[c];
@@ -457,7 +458,7 @@ impl CustomOp3 for ReluChannelAffine {
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
-        let mut y = vec![0f32; x.len()];
+        let mut y = zeroed(x.len());
         if self.nhwc {
             map_rows(&mut y, x, channels, |c, v| v.max(0.0) * scale[c] + shift[c]);
             return Ok((CpuStorage::F32(y), l1.shape().clone()));
@@ -513,7 +514,7 @@ impl CustomOp3 for ReluChannelAffine {
                             (s_k as f32, s_b as f32)
                         })
                         .collect();
-                    let mut dx = vec![0f32; x.len()];
+                    let mut dx = zeroed(x.len());
                     dx.par_chunks_mut(hw)
                         .zip(x.par_chunks(hw).zip(dy.par_chunks(hw)))
                         .enumerate()
@@ -553,7 +554,7 @@ fn affine_backward_nhwc(x: &[f32], k: &[f32], dy: &[f32], channels: usize) -> Gr
             s_b[c] += g;
         }
     });
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeroed(x.len());
     map_rows2(&mut dx, x, dy, channels, |c, v, g| {
         if v > 0.0 { g * k[c] } else { 0.0 }
     });
@@ -674,7 +675,7 @@ impl candle_core::CustomOp2 for AddPerImage {
         let (x, v) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
         let (b, c) = l2.shape().dims2()?;
         let image = x.len() / b.max(1);
-        let mut y = vec![0f32; x.len()];
+        let mut y = zeroed(x.len());
         y.par_chunks_mut(ROWS_PER_TASK * c)
             .zip(x.par_chunks(ROWS_PER_TASK * c))
             .enumerate()

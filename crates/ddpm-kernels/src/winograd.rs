@@ -26,7 +26,7 @@ use rayon::prelude::*;
 use crate::LANES;
 use crate::frozen;
 use crate::layout::sum_lanes;
-use crate::matmul::{Mat, Scratch, matmul_serial, with_local_scratch};
+use crate::matmul::{Mat, Scratch, matmul_serial, with_local_scratch, zeroed};
 
 /// One Winograd algorithm F(M x M, 3x3): tiles of `M x M` outputs from `A x A` input patches
 /// (`A = M + 2`), with its three transform matrices as constants, so that the transforms
@@ -477,7 +477,7 @@ fn conv3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     };
     let zeros = vec![0f32; c.max(c_out)];
     let bias = bias.unwrap_or(&zeros[..c_out]);
-    let mut y = vec![0f32; s.b * s.h * s.w * c_out];
+    let mut y = zeroed(s.b * s.h * s.w * c_out);
     // M for position xi of `n` tiles, `V [n, C] x U [C, C_out]`, into `dst` (row stride
     // `rs`).
     let product = |xi: usize, n: usize, v: &[f32], dst: &mut [f32], rs: usize| {
@@ -606,7 +606,7 @@ fn kernel_grad3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
                     transforms(t, 1, vt, gt, tmp);
                 })
             });
-        let mut du = vec![0f32; size];
+        let mut du = zeroed(size);
         du.par_chunks_mut(stride)
             .enumerate()
             .for_each(|(xi, dst)| product(xi, tiles, &v, &g, dst, false));
@@ -615,7 +615,7 @@ fn kernel_grad3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
         // Block i adds into lane i % LANES; the lanes run in parallel, each over its blocks
         // in order, so every sum has the same order whatever the thread count.
         let lanes = blocks.len().min(LANES);
-        let mut partial = vec![0f32; lanes * size];
+        let mut partial = zeroed(lanes * size);
         partial
             .par_chunks_mut(size)
             .enumerate()
@@ -637,7 +637,7 @@ fn kernel_grad3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     // dg = Gᵀ dU G for every (output, input) channel pair, into `[C_out, C, 3, 3]`: per
     // output channel, the A² rows of dU it reads are runs along the input channels.
     let gt: [[f32; A]; 3] = const { transpose(T::G) };
-    let mut dw = vec![0f32; c_out * c * 9];
+    let mut dw = zeroed(c_out * c * 9);
     dw.par_chunks_mut(c * 9).enumerate().for_each(|(o, block)| {
         // 16 input channels at a time: their A² values of dU, `[A², 16]`, give their 3x3s.
         const LANE: usize = 16;
