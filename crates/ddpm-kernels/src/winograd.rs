@@ -746,82 +746,66 @@ mod tests {
             .collect()
     }
 
-    /// The direct 3x3 padding-1 convolution of NHWC `x` with `w` `[C_out, C, 3, 3]`, NHWC out.
-    fn direct(x: &[f32], w: &[f32], bias: &[f32], s: &Shape3x3) -> Vec<f32> {
-        let mut y = vec![0f32; s.b * s.h * s.w * s.c_out];
+    /// Calls `f(at, g, tap)` for every output pixel and each of its 3x3 taps inside the map, in
+    /// order: `at` and `g` are the NHWC offsets of the input pixel the tap reads (`C` values)
+    /// and of the output pixel (`C_out` values), `tap` is `3 ky + kx`.
+    fn for_each_tap(s: &Shape3x3, mut f: impl FnMut(usize, usize, usize)) {
         for bi in 0..s.b {
             for yy in 0..s.h {
                 for xx in 0..s.w {
-                    for o in 0..s.c_out {
-                        let mut acc = bias[o] as f64;
-                        for (i, j) in (0..3).flat_map(|i| (0..3).map(move |j| (i, j))) {
-                            let (py, px) =
-                                (yy as isize + i as isize - 1, xx as isize + j as isize - 1);
-                            if py < 0 || px < 0 || py as usize >= s.h || px as usize >= s.w {
-                                continue;
-                            }
-                            let at = ((bi * s.h + py as usize) * s.w + px as usize) * s.c;
-                            for ci in 0..s.c {
-                                acc += (x[at + ci] * w[(o * s.c + ci) * 9 + i * 3 + j]) as f64;
-                            }
-                        }
-                        y[((bi * s.h + yy) * s.w + xx) * s.c_out + o] = acc as f32;
-                    }
-                }
-            }
-        }
-        y
-    }
-
-    /// The direct kernel gradient of [`direct`] for output gradient `dy`.
-    fn direct_kernel_grad(x: &[f32], dy: &[f32], s: &Shape3x3) -> Vec<f32> {
-        let mut dw = vec![0f64; s.c_out * s.c * 9];
-        for bi in 0..s.b {
-            for yy in 0..s.h {
-                for xx in 0..s.w {
+                    let g = ((bi * s.h + yy) * s.w + xx) * s.c_out;
                     for (i, j) in (0..3).flat_map(|i| (0..3).map(move |j| (i, j))) {
                         let (py, px) = (yy as isize + i as isize - 1, xx as isize + j as isize - 1);
                         if py < 0 || px < 0 || py as usize >= s.h || px as usize >= s.w {
                             continue;
                         }
                         let at = ((bi * s.h + py as usize) * s.w + px as usize) * s.c;
-                        let g = ((bi * s.h + yy) * s.w + xx) * s.c_out;
-                        for o in 0..s.c_out {
-                            for ci in 0..s.c {
-                                dw[(o * s.c + ci) * 9 + i * 3 + j] +=
-                                    (dy[g + o] * x[at + ci]) as f64;
-                            }
-                        }
+                        f(at, g, i * 3 + j);
                     }
                 }
             }
         }
+    }
+
+    /// The direct 3x3 padding-1 convolution of NHWC `x` with `w` `[C_out, C, 3, 3]`, NHWC out,
+    /// summed in f64.
+    fn direct(x: &[f32], w: &[f32], bias: &[f32], s: &Shape3x3) -> Vec<f32> {
+        let mut y: Vec<f64> = (0..s.b * s.h * s.w)
+            .flat_map(|_| bias.iter().map(|&v| v as f64))
+            .collect();
+        for_each_tap(s, |at, g, tap| {
+            for o in 0..s.c_out {
+                for ci in 0..s.c {
+                    y[g + o] += (x[at + ci] * w[(o * s.c + ci) * 9 + tap]) as f64;
+                }
+            }
+        });
+        y.into_iter().map(|v| v as f32).collect()
+    }
+
+    /// The direct kernel gradient of [`direct`] for output gradient `dy`.
+    fn direct_kernel_grad(x: &[f32], dy: &[f32], s: &Shape3x3) -> Vec<f32> {
+        let mut dw = vec![0f64; s.c_out * s.c * 9];
+        for_each_tap(s, |at, g, tap| {
+            for o in 0..s.c_out {
+                for ci in 0..s.c {
+                    dw[(o * s.c + ci) * 9 + tap] += (dy[g + o] * x[at + ci]) as f64;
+                }
+            }
+        });
         dw.into_iter().map(|v| v as f32).collect()
     }
 
     /// The direct input gradient of [`direct`] for output gradient `dy`.
     fn direct_input_grad(w: &[f32], dy: &[f32], s: &Shape3x3) -> Vec<f32> {
         let mut dx = vec![0f64; s.b * s.h * s.w * s.c];
-        for bi in 0..s.b {
-            for yy in 0..s.h {
-                for xx in 0..s.w {
-                    for (i, j) in (0..3).flat_map(|i| (0..3).map(move |j| (i, j))) {
-                        let (py, px) = (yy as isize + i as isize - 1, xx as isize + j as isize - 1);
-                        if py < 0 || px < 0 || py as usize >= s.h || px as usize >= s.w {
-                            continue;
-                        }
-                        let at = ((bi * s.h + py as usize) * s.w + px as usize) * s.c;
-                        let g = ((bi * s.h + yy) * s.w + xx) * s.c_out;
-                        for o in 0..s.c_out {
-                            for ci in 0..s.c {
-                                dx[at + ci] +=
-                                    (dy[g + o] * w[(o * s.c + ci) * 9 + i * 3 + j]) as f64;
-                            }
-                        }
-                    }
+        for_each_tap(s, |at, g, tap| {
+            for o in 0..s.c_out {
+                for ci in 0..s.c {
+                    dx[at + ci] += (dy[g + o] * w[(o * s.c + ci) * 9 + tap]) as f64;
                 }
             }
-        }
+        });
         dx.into_iter().map(|v| v as f32).collect()
     }
 
