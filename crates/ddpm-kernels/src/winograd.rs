@@ -277,13 +277,13 @@ fn kernel_transform<T: Tiling<M, A>, const M: usize, const A: usize>(
     const OUTS: usize = 16;
     const INS: usize = 8;
     let pp = A * A;
-    assert!(pp <= 36, "A is at most 6");
+    assert!(pp <= MOST_POSITIONS, "A is at most 6");
     u.par_chunks_mut(INS * pp * c_out)
         .enumerate()
         .for_each(|(blk, block)| {
             let ins = block.len() / (pp * c_out);
             // U for the block's input channels and 16 output channels, `[INS, A², OUTS]`.
-            let mut vals = [[[0f32; OUTS]; 36]; INS];
+            let mut vals = [[[0f32; OUTS]; MOST_POSITIONS]; INS];
             for o0 in (0..c_out).step_by(OUTS) {
                 let outs = OUTS.min(c_out - o0);
                 // The kernels' taps by tap, `[INS, 9, OUTS]`, read along the kernel's adjacent
@@ -569,6 +569,7 @@ fn kernel_grad3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     s: Shape3x3,
 ) -> Vec<f32> {
     let (c, c_out, pp) = (s.c, s.c_out, A * A);
+    assert!(pp <= MOST_POSITIONS, "A is at most 6");
     let target = T::BLOCK.max(4 * c * c_out / (c + c_out));
     let blocks = s.tile_blocks(M, target);
     let most = blocks.iter().map(|b| b.1).max().unwrap_or(0);
@@ -641,7 +642,7 @@ fn kernel_grad3x3_by<T: Tiling<M, A>, const M: usize, const A: usize>(
     dw.par_chunks_mut(c * 9).enumerate().for_each(|(o, block)| {
         // 16 input channels at a time: their A² values of dU, `[A², 16]`, give their 3x3s.
         const LANE: usize = 16;
-        let mut e = [[0f32; LANE]; 36];
+        let mut e = [[0f32; LANE]; MOST_POSITIONS];
         for (ch, k) in block.chunks_mut(9 * LANE).enumerate() {
             let (ci, n) = (ch * LANE, k.len() / 9);
             for (xi, e) in e.iter_mut().take(pp).enumerate() {
@@ -672,6 +673,10 @@ enum Choice {
     F2,
     F4,
 }
+
+/// The most transform positions of a tiling, A² for F(4x4, 3x3): the size of the fixed
+/// arrays that hold one value per position.
+const MOST_POSITIONS: usize = 36;
 
 /// Values left unused after each position's matrix in a kernel gradient's `dU`, so that the
 /// positions' rows fall in different cache sets.
