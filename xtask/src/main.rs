@@ -10,6 +10,11 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod deps;
+#[path = "../../bins/stats.rs"]
+mod stats;
+use stats::median;
+
 #[derive(Parser)]
 #[command(about = "Project automation for ddpm", version)]
 struct Args {
@@ -19,7 +24,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Everything `.ci/run` checks, cheapest first: formatting, lints, then the test suite.
+    /// Everything `.ci/run` checks, cheapest first: formatting, lints, the test suite, the
+    /// reuse examples, packaging, a short training run and the golden images.
     Ci,
     /// Train: with no arguments the default recipe on the embedded digits, offline, into
     /// runs/mnist. Takes every `ddpm train` argument (see `cargo xtask train --help`).
@@ -51,6 +57,9 @@ enum Cmd {
         #[command(subcommand)]
         command: DatasetCmd,
     },
+    /// Check ARCHITECTURE.md's dependency tree against `cargo metadata`, printing the
+    /// workspace's own dependencies of each package.
+    Deps,
 }
 
 #[derive(clap::Args)]
@@ -108,6 +117,7 @@ fn run(args: Args) -> Result<()> {
             ddpm("golden", a)
         }
         Cmd::Bench(b) => bench(&b),
+        Cmd::Deps => deps::check(),
         Cmd::Dataset {
             command: DatasetCmd::Download { name, split },
         } => ddpm(
@@ -134,6 +144,20 @@ fn ci() -> Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace"])?;
+    cargo(&["run", "-p", "ddpm-sampler", "--example", "own_model"])?;
+    cargo(&["run", "-p", "ddpm-unet", "--example", "own_training_loop"])?;
+    cargo(&[
+        "package",
+        "--workspace",
+        "--exclude",
+        "ddpm-cli",
+        "--exclude",
+        "ddpm-bench",
+        "--exclude",
+        "xtask",
+        "--exclude",
+        "ddpm-testutil",
+    ])?;
     let short_run = "--recipe tiny --steps 2 --image-size 16 --limit 64 --out target/ci-train --force --no-progress";
     ddpm("train", short_run.split(' ').map(OsString::from).collect())?;
     ddpm("golden", Vec::new())?;
@@ -176,16 +200,6 @@ fn measure(mut cmd: Command) -> Result<Measured> {
         gflop_per_s: field("gflop_per_s")?,
         peak_rss_bytes: field("peak_rss_bytes").unwrap_or(f64::NAN),
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// The speed-up cell: the median of the rounds' ratios, and with several rounds their range,

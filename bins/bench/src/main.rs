@@ -11,16 +11,19 @@ use std::time::Instant;
 
 #[path = "../../alloc.rs"]
 mod alloc;
+#[path = "../../stats.rs"]
+mod stats;
+use stats::median;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
 use ddpm_forward::{ForwardProcess, NoiseSource};
 use ddpm_sampler::{DdpmConfig, DdpmSampler, Scheduler};
 use ddpm_schedule::{Schedule, ScheduleConfig};
 use ddpm_trainer::{AdamW, AdamWConfig};
-use ddpm_unet::{Mode, SimpleUnet, SimpleUnetConfig, init_seeded, is_buffer};
+use ddpm_unet::{Mode, SimpleUnet, SimpleUnetConfig, init_seeded, trainable_vars};
 
 #[derive(Parser)]
 #[command(about = "Time SimpleUnet training or sampling steps; prints one JSON line")]
@@ -119,16 +122,6 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// Runs `step` `warmup + steps` times and returns the timed steps' seconds.
 fn time(
     warmup: usize,
@@ -157,15 +150,7 @@ fn time_train(cfg: Config, args: &Args, dev: &Device) -> Result<Vec<f64>> {
     )?;
     init_seeded(&varmap, 0)?;
     let forward = ForwardProcess::new(&Schedule::new(ScheduleConfig::seed_linear())?, dev)?;
-    let mut params: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .expect("not poisoned")
-        .iter()
-        .filter(|(k, _)| !is_buffer(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let params = trainable_vars(&varmap);
     let adam = AdamWConfig {
         lr: 1e-3,
         beta1: 0.9,

@@ -12,8 +12,9 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use clap::Args;
 use ddpm_data::ImageSet;
-use ddpm_forward::NoiseSource;
-use ddpm_sampler::{DdimSampler, DdpmSampler, Scheduler};
+use ddpm_forward::{ForwardProcess, NoiseSource};
+use ddpm_pipeline::{Pipeline, Weights};
+use ddpm_sampler::{SamplerKind, Scheduler};
 use ddpm_schedule::{Schedule, ScheduleConfig};
 use image::DynamicImage;
 
@@ -33,39 +34,38 @@ pub struct GoldenArgs {
     pub bless: bool,
 }
 
-fn sample_grid(
-    loaded: &crate::model::Loaded,
-    scheduler: &dyn Scheduler,
-    seed: u64,
-) -> Result<Tensor> {
+fn sample_grid(pipeline: &Pipeline, scheduler: &dyn Scheduler, seed: u64) -> Result<Tensor> {
     let mut rng = NoiseSource::new(seed);
-    let size = loaded.config.sample_size().unwrap_or(32);
-    let init = rng.randn((16, loaded.config.in_channels(), size, size), &Device::Cpu)?;
-    Ok(
-        ddpm_sampler::sample(&loaded.unet, scheduler, init, &mut rng, |_| {})?
-            .clamp(-1f32, 1f32)?,
-    )
+    let size = pipeline.image_size(None)?;
+    let init = rng.randn(
+        (16, pipeline.config.in_channels(), size, size),
+        &Device::Cpu,
+    )?;
+    Ok(pipeline
+        .sample(scheduler, None, init, &mut rng, |_| {})?
+        .clamp(-1f32, 1f32)?)
 }
 
 /// The three renderings, by file name.
 fn render(dir: &Path) -> Result<Vec<(&'static str, DynamicImage)>> {
-    let loaded = crate::model::load(&dir.join("model"), false, &Device::Cpu)?;
-    let schedule = Schedule::new(loaded.scheduler.schedule)?;
-    let ddpm = DdpmSampler::new(&schedule, loaded.scheduler.ddpm(Some(50)))?;
-    let ddim = DdimSampler::new(&schedule, loaded.scheduler.ddim(20, 0.0))?;
+    let pipeline = Pipeline::open(&dir.join("model"), Weights::Ema, &Device::Cpu)?;
+    let ddpm = pipeline.sampler(SamplerKind::Ddpm, Some(50), 0.0)?;
+    let ddim = pipeline.sampler(SamplerKind::Ddim, Some(20), 0.0)?;
     let digits = ImageSet::embedded_mnist()?.take(1).pad_to(32)?;
     let image = digits.batch(&[0], &[false], &Device::Cpu)?;
-    let strip = crate::show::forward_strip(
-        &image,
-        &Schedule::new(ScheduleConfig::seed_linear())?,
-        10,
-        0,
-    )?;
+    let strip = ForwardProcess::new(&Schedule::new(ScheduleConfig::seed_linear())?, &Device::Cpu)?
+        .strip(&image, 10, 0)?;
     let tile =
         |x: &Tensor, cols: usize| -> Result<DynamicImage> { Ok(ddpm_data::grid_image(x, cols)?) };
     Ok(vec![
-        ("ddpm-grid.png", tile(&sample_grid(&loaded, &ddpm, 1)?, 8)?),
-        ("ddim-grid.png", tile(&sample_grid(&loaded, &ddim, 2)?, 8)?),
+        (
+            "ddpm-grid.png",
+            tile(&sample_grid(&pipeline, ddpm.as_ref(), 1)?, 8)?,
+        ),
+        (
+            "ddim-grid.png",
+            tile(&sample_grid(&pipeline, ddim.as_ref(), 2)?, 8)?,
+        ),
         ("forward-strip.png", tile(&strip, 10)?),
     ])
 }

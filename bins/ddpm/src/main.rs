@@ -4,10 +4,10 @@
 //! (e.g. `RUST_LOG=ddpm=debug`). Errors print one line and exit with status 1.
 
 mod data;
+mod export;
 mod golden;
 mod hub;
 mod inspect;
-mod model;
 mod sample;
 mod show;
 mod train;
@@ -47,7 +47,7 @@ enum Command {
     /// Sample images from a run, a checkpoint, an exported folder or a diffusers model folder.
     Sample(sample::SampleArgs),
     /// Export a run's EMA (or raw) weights as a diffusers folder or a plain safetensors file.
-    Export(model::ExportArgs),
+    Export(export::ExportArgs),
     /// Draw the forward process: one image noised at evenly spaced timesteps, as a strip.
     ShowForward(show::ForwardArgs),
     /// Draw the reverse process: the sample at evenly spaced steps of sampling, as a strip.
@@ -78,7 +78,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => train::run(*a, &dev()?),
         Command::Sample(a) => sample::run(a, &dev()?),
-        Command::Export(a) => model::export(a),
+        Command::Export(a) => export::run(a),
         Command::ShowForward(a) => show::forward(a),
         Command::ShowReverse(a) => show::reverse(a, &dev()?),
         Command::Inspect(a) => inspect::run(a),
@@ -108,4 +108,22 @@ fn positive(option: &str, n: usize) -> Result<()> {
         bail!("{option} must be at least 1, got 0");
     }
     Ok(())
+}
+
+/// `--sampler`: the names `ddpm_sampler::SamplerKind` takes.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum SamplerArg {
+    /// DDPM ancestral sampling (every training step unless --steps).
+    Ddpm,
+    /// DDIM (50 steps unless --steps).
+    Ddim,
+}
+
+impl From<SamplerArg> for ddpm_sampler::SamplerKind {
+    fn from(a: SamplerArg) -> Self {
+        match a {
+            SamplerArg::Ddpm => Self::Ddpm,
+            SamplerArg::Ddim => Self::Ddim,
+        }
+    }
 }

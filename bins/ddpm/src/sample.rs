@@ -5,21 +5,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use ddpm_forward::NoiseSource;
-use ddpm_sampler::{DdimSampler, DdpmSampler, Progress, Scheduler};
-use ddpm_schedule::Schedule;
+use ddpm_pipeline::{Conditioning, Pipeline, Weights};
+use ddpm_sampler::{Progress, Scheduler};
 use indicatif::ProgressBar;
 
-use crate::model;
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum SamplerArg {
-    /// DDPM ancestral sampling (every training step unless --steps).
-    Ddpm,
-    /// DDIM (50 steps unless --steps).
-    Ddim,
-}
+use crate::SamplerArg;
 
 /// Options shared by `sample` and `show-reverse`.
 #[derive(Args, Debug, Clone)]
@@ -102,103 +94,75 @@ pub fn prepare_parent(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The sampler the options ask for, over the schedule the model was trained with.
-pub fn build_sampler(
-    a: &SamplingArgs,
-    loaded: &model::Loaded,
-) -> Result<(Box<dyn Scheduler>, Schedule)> {
-    let schedule = Schedule::new(loaded.scheduler.schedule)
-        .map_err(|e| anyhow::anyhow!("the model's schedule: {e}"))?;
-    if let Some(s) = a.steps {
-        crate::positive("--steps", s)?;
+impl SamplingArgs {
+    /// The model the options name.
+    pub fn open(&self, device: &Device) -> Result<Pipeline> {
+        let weights = if self.raw { Weights::Raw } else { Weights::Ema };
+        Ok(Pipeline::open(&self.model, weights, device)?)
     }
-    let s: Box<dyn Scheduler> = match a.sampler {
-        SamplerArg::Ddpm => Box::new(DdpmSampler::new(&schedule, loaded.scheduler.ddpm(a.steps))?),
-        SamplerArg::Ddim => Box::new(DdimSampler::new(
-            &schedule,
-            loaded.scheduler.ddim(a.steps.unwrap_or(50), a.eta),
-        )?),
-    };
-    if a.sampler == SamplerArg::Ddpm && a.eta != 0.0 {
-        bail!("--eta applies to DDIM only");
-    }
-    Ok((s, schedule))
-}
 
-/// The class of each of `count` images for a class-conditional model, with the guidance
-/// scale; `None` for an unconditional one (where --class and --guidance are errors).
-pub fn class_labels(
-    a: &SamplingArgs,
-    loaded: &model::Loaded,
-    count: usize,
-) -> Result<Option<(Vec<u32>, f64)>> {
-    let Some(embeds) = loaded.unet.num_class_embeds() else {
-        if !a.class.is_empty() || a.guidance.is_some() {
+    /// The sampler the options ask for, over the schedule the model was trained with.
+    pub fn sampler(&self, pipeline: &Pipeline) -> Result<Box<dyn Scheduler>> {
+        if let Some(s) = self.steps {
+            crate::positive("--steps", s)?;
+        }
+        if self.sampler == SamplerArg::Ddpm && self.eta != 0.0 {
+            bail!("--eta applies to DDIM only");
+        }
+        pipeline
+            .sampler(self.sampler.into(), self.steps, self.eta)
+            .context("the model's schedule")
+    }
+
+    /// The classes of `count` images and the guidance scale, for a class-conditional model.
+    pub fn conditioning(&self, pipeline: &Pipeline, count: usize) -> Result<Option<Conditioning>> {
+        if pipeline.unet.num_class_embeds().is_none()
+            && (!self.class.is_empty() || self.guidance.is_some())
+        {
             bail!(
                 "--class and --guidance need a class-conditional model (num_class_embeds); {} is unconditional",
-                loaded.source
+                pipeline.source
             );
         }
-        return Ok(None);
-    };
-    let guidance = a.guidance.unwrap_or(loaded.guidance);
-    let classes = match loaded.classes {
-        // A model folder asked to guide: its last class embedding is "no class".
-        Some(n) if n == embeds && guidance != 1.0 => n - 1,
-        Some(n) => n,
-        None => embeds,
-    };
-    if let Some(bad) = a.class.iter().find(|&&c| c as usize >= classes) {
-        bail!("--class {bad} out of range: the model draws classes 0..{classes}");
-    }
-    let cycle: Vec<u32> = if a.class.is_empty() {
-        (0..classes as u32).collect()
-    } else {
-        a.class.clone()
-    };
-    let labels = (0..count).map(|i| cycle[i % cycle.len()]).collect();
-    Ok(Some((labels, guidance)))
-}
-
-/// Runs the sampler with a progress bar, calling `on_step` as well. A class-conditional model
-/// draws the classes of [`class_labels`].
-pub fn run_sampler(
-    a: &SamplingArgs,
-    loaded: &model::Loaded,
-    scheduler: &dyn Scheduler,
-    init: Tensor,
-    rng: &mut NoiseSource,
-    mut on_step: impl FnMut(&Progress<'_>),
-) -> Result<Tensor> {
-    let bar = if a.no_progress {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(scheduler.timesteps().len() as u64)
-    };
-    let device = init.device().clone();
-    let progress = |p: &Progress<'_>| {
-        bar.set_position(p.index as u64 + 1);
-        on_step(p);
-    };
-    let out = match class_labels(a, loaded, init.dim(0)?)? {
-        Some((labels, scale)) => {
-            let guided = ddpm_unet::Guided::new(&loaded.unet, &labels, scale, &device)?;
-            ddpm_sampler::sample(&guided, scheduler, init, rng, progress)?
+        let scale = self.guidance.unwrap_or(pipeline.guidance);
+        if let Some(classes) = pipeline.classes(scale)?
+            && let Some(bad) = self.class.iter().find(|&&c| c as usize >= classes.count())
+        {
+            bail!(
+                "--class {bad} out of range: the model draws classes 0..{}",
+                classes.count()
+            );
         }
-        None => ddpm_sampler::sample(&loaded.unet, scheduler, init, rng, progress)?,
-    };
-    bar.finish_and_clear();
-    Ok(out)
-}
-
-/// The image size to sample at.
-pub fn image_size(a: &SamplingArgs, loaded: &model::Loaded) -> Result<usize> {
-    let size = a.size.or(loaded.config.sample_size()).unwrap_or(32);
-    let f = loaded.config.downsampling_factor();
-    if size == 0 || size % f != 0 {
-        bail!("--size {size} must be a positive multiple of {f} for this model");
+        Ok(pipeline.conditioning(&self.class, self.guidance, count)?)
     }
-    Ok(size)
+
+    /// The image size to sample at.
+    pub fn image_size(&self, pipeline: &Pipeline) -> Result<usize> {
+        pipeline.image_size(self.size).context("--size")
+    }
+
+    /// Runs the sampler with a progress bar, calling `on_step` as well.
+    pub fn run(
+        &self,
+        pipeline: &Pipeline,
+        scheduler: &dyn Scheduler,
+        init: Tensor,
+        rng: &mut NoiseSource,
+        mut on_step: impl FnMut(&Progress<'_>),
+    ) -> Result<Tensor> {
+        let bar = if self.no_progress {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(scheduler.timesteps().len() as u64)
+        };
+        let conditioning = self.conditioning(pipeline, init.dim(0)?)?;
+        let out = pipeline.sample(scheduler, conditioning.as_ref(), init, rng, |p| {
+            bar.set_position(p.index as u64 + 1);
+            on_step(p);
+        })?;
+        bar.finish_and_clear();
+        Ok(out)
+    }
 }
 
 pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
@@ -222,16 +186,15 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
         std::fs::create_dir_all(d)
             .with_context(|| format!("cannot create output folder {}", d.display()))?;
     }
-    let loaded = model::load(&a.sampling.model, a.sampling.raw, device)?;
-    tracing::info!("sampling from {}", loaded.source);
-    if a.quality && loaded.config.in_channels() != 1 {
+    let pipeline = a.sampling.open(device)?;
+    tracing::info!("sampling from {}", pipeline.source);
+    let channels = pipeline.config.in_channels();
+    if a.quality && channels != 1 {
         bail!(
-            "--quality scores digits: the model makes {}-channel images, the digit classifier takes 1",
-            loaded.config.in_channels()
+            "--quality scores digits: the model makes {channels}-channel images, the digit classifier takes 1"
         );
     }
-    let (scheduler, _) = build_sampler(&a.sampling, &loaded)?;
-    let channels = loaded.config.in_channels();
+    let scheduler = a.sampling.sampler(&pipeline)?;
     let mut rng = NoiseSource::new(a.sampling.seed);
     let init = match &a.init_noise {
         Some(path) => {
@@ -241,7 +204,7 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
                 .get("noise")
                 .with_context(|| format!("{} has no tensor named noise", path.display()))?;
             let dims = noise.dims();
-            let f = loaded.config.downsampling_factor();
+            let f = pipeline.config.downsampling_factor();
             if dims.len() != 4 || dims[1] != channels || dims[2] % f != 0 || dims[3] % f != 0 {
                 bail!(
                     "{}: noise has shape {dims:?}, the model needs [N, {channels}, H, W] with H, W multiples of {f}",
@@ -251,19 +214,14 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
             noise.to_dtype(DType::F32)?
         }
         None => {
-            let size = image_size(&a.sampling, &loaded)?;
+            let size = a.sampling.image_size(&pipeline)?;
             rng.randn((a.num, channels, size, size), device)?
         }
     };
-    let samples = run_sampler(
-        &a.sampling,
-        &loaded,
-        scheduler.as_ref(),
-        init,
-        &mut rng,
-        |_| {},
-    )?
-    .clamp(-1f32, 1f32)?;
+    let samples = a
+        .sampling
+        .run(&pipeline, scheduler.as_ref(), init, &mut rng, |_| {})?
+        .clamp(-1f32, 1f32)?;
     if let Some(p) = &a.out {
         ddpm_data::write_grid_png(&samples, a.cols, p)?;
         println!("grid: {}", p.display());
@@ -282,9 +240,13 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
     if a.quality {
         let size = samples.dim(2)?;
         let (real, _) = crate::data::DataArgs::default().load(size, 1)?;
-        let labels = class_labels(&a.sampling, &loaded, samples.dim(0)?)?;
-        let report =
-            crate::train::report_quality(&samples, labels.as_ref().map(|l| &l.0[..]), &real)?;
+        let labels = a.sampling.conditioning(&pipeline, samples.dim(0)?)?;
+        let report = ddpm_trainer::quality::score_digits(
+            &samples,
+            labels.as_ref().map(|c| &c.labels[..]),
+            &real,
+        )?;
+        println!("{report}");
         let json = serde_json::to_string(&report)?;
         println!("quality json: {json}");
     }

@@ -9,7 +9,7 @@ use ddpm_forward::{ForwardProcess, NoiseSource};
 use ddpm_schedule::{Schedule, ScheduleConfig};
 
 use crate::data::DataArgs;
-use crate::sample::{SamplingArgs, build_sampler, image_size, prepare_parent, run_sampler};
+use crate::sample::{SamplingArgs, prepare_parent};
 
 #[derive(Args, Debug)]
 pub struct ForwardArgs {
@@ -38,34 +38,6 @@ pub struct ForwardArgs {
     pub out: PathBuf,
 }
 
-/// The forward strip as a tensor `[frames, C, H, W]` (shared with the golden checks).
-pub fn forward_strip(
-    image: &Tensor,
-    schedule: &Schedule,
-    frames: usize,
-    seed: u64,
-) -> Result<Tensor> {
-    crate::positive("--frames", frames)?;
-    let forward = ForwardProcess::new(schedule, image.device())?;
-    let t_max = schedule.num_train_timesteps();
-    let ts: Vec<u32> = (0..frames)
-        .map(|i| {
-            if frames == 1 {
-                0
-            } else {
-                (i * (t_max - 1) / (frames - 1)) as u32
-            }
-        })
-        .collect();
-    let x0 = image.repeat((frames, 1, 1, 1))?;
-    let noise = NoiseSource::new(seed)
-        .randn(image.dims()[1..].to_vec(), image.device())?
-        .unsqueeze(0)?
-        .repeat((frames, 1, 1, 1))?;
-    let t = Tensor::new(ts.as_slice(), image.device())?;
-    Ok(forward.q_sample(&x0, &t, &noise)?.clamp(-1f32, 1f32)?)
-}
-
 pub fn forward(a: ForwardArgs) -> Result<()> {
     prepare_parent(&a.out)?;
     let (set, _) = a.data.load(a.size, a.channels)?;
@@ -78,7 +50,8 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     }
     let schedule = Schedule::new(ScheduleConfig::preset(&a.schedule)?)?;
     let image = set.batch(&[a.index], &[false], &Device::Cpu)?;
-    let strip = forward_strip(&image, &schedule, a.frames, a.seed)?;
+    crate::positive("--frames", a.frames)?;
+    let strip = ForwardProcess::new(&schedule, &Device::Cpu)?.strip(&image, a.frames, a.seed)?;
     ddpm_data::write_strip_png(&strip, &a.out)?;
     println!("forward process: {}", a.out.display());
     Ok(())
@@ -103,29 +76,23 @@ pub fn reverse(a: ReverseArgs, device: &Device) -> Result<()> {
     crate::positive("--frames", a.frames)?;
     crate::positive("--num", a.num)?;
     prepare_parent(&a.out)?;
-    let loaded = crate::model::load(&a.sampling.model, a.sampling.raw, device)?;
-    let (scheduler, _) = build_sampler(&a.sampling, &loaded)?;
-    let size = image_size(&a.sampling, &loaded)?;
+    let pipeline = a.sampling.open(device)?;
+    let scheduler = a.sampling.sampler(&pipeline)?;
+    let size = a.sampling.image_size(&pipeline)?;
     let n = scheduler.timesteps().len();
     if a.frames > n {
         bail!("--frames {} is more than the {n} sampling steps", a.frames);
     }
     let keep: Vec<usize> = (1..=a.frames).map(|i| i * n / a.frames - 1).collect();
     let mut rng = NoiseSource::new(a.sampling.seed);
-    let init = rng.randn((a.num, loaded.config.in_channels(), size, size), device)?;
+    let init = rng.randn((a.num, pipeline.config.in_channels(), size, size), device)?;
     let mut frames = Vec::new();
-    run_sampler(
-        &a.sampling,
-        &loaded,
-        scheduler.as_ref(),
-        init,
-        &mut rng,
-        |p| {
+    a.sampling
+        .run(&pipeline, scheduler.as_ref(), init, &mut rng, |p| {
             if keep.contains(&p.index) {
                 frames.push(p.sample.clone());
             }
-        },
-    )?;
+        })?;
     // Rows are samples, columns moments: [num, frames, C, H, W] flattened row-major.
     let grid = Tensor::stack(&frames, 1)?
         .flatten_to(1)?

@@ -8,7 +8,7 @@ use candle_core::Device;
 use clap::{Args, ValueEnum};
 use ddpm_forward::Prediction;
 use ddpm_schedule::ScheduleConfig;
-use ddpm_trainer::{GridSampler, Loss, LrSchedule, TrainConfig, Trainer};
+use ddpm_trainer::{Loss, LrSchedule, TrainConfig, Trainer};
 use ddpm_unet::UnetConfig;
 
 use crate::data::DataArgs;
@@ -122,7 +122,7 @@ pub struct TrainArgs {
     pub sample_count: Option<usize>,
     /// The sampler of the sample grids and the quality report (the mnist recipe: ddpm).
     #[arg(long, value_enum)]
-    pub sampler: Option<crate::sample::SamplerArg>,
+    pub sampler: Option<crate::SamplerArg>,
     /// Sampling steps for the sample grids and the quality report (the mnist recipe: 100).
     #[arg(long)]
     pub sample_steps: Option<usize>,
@@ -196,10 +196,7 @@ pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
     set!(c.class_dropout, a.class_dropout);
     set!(c.guidance_scale, a.guidance);
     if let Some(s) = a.sampler {
-        c.sampler = match s {
-            crate::sample::SamplerArg::Ddpm => GridSampler::Ddpm,
-            crate::sample::SamplerArg::Ddim => GridSampler::Ddim,
-        };
+        c.sampler = s.into();
     }
     if let Some(g) = a.grad_clip {
         c.grad_clip = (g != 0.0).then_some(g);
@@ -251,7 +248,7 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
         if !exists {
             bail!("--resume: {} holds no run to continue", out.display());
         }
-        let checkpoint = crate::model::latest_checkpoint(out)?;
+        let checkpoint = ddpm_pipeline::latest_checkpoint(out)?;
         let ck = ddpm_trainer::Checkpoint::read(&checkpoint, &Device::Cpu)?;
         let size = ck.config.model.sample_size().unwrap_or(32);
         let (set, what) = a.data.load(size, ck.config.model.in_channels())?;
@@ -327,42 +324,11 @@ fn write_quality(trainer: &Trainer, out: &std::path::Path) -> Result<()> {
     let n = QUALITY_SAMPLES.min(trainer.data().len() / 2);
     let samples = ddpm_trainer::sample_ema(trainer, n)?;
     let labels = ddpm_trainer::sample_labels(trainer.config(), n);
-    let report = report_quality(&samples, labels.as_deref(), trainer.data())?;
+    let report = ddpm_trainer::quality::score_digits(&samples, labels.as_deref(), trainer.data())?;
+    println!("{report}");
     let path = out.join("quality.json");
     let json = serde_json::to_string_pretty(&report)?;
     ddpm_trainer::atomic_write(&path, |f| std::io::Write::write_all(f, json.as_bytes()))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
-}
-
-/// Scores `samples` (1-channel, in [-1, 1]) against the first real digits of `real` with the
-/// shipped digit classifier, and prints the report.
-pub fn report_quality(
-    samples: &candle_core::Tensor,
-    labels: Option<&[u32]>,
-    real: &ddpm_data::ImageSet,
-) -> Result<ddpm_trainer::quality::QualityReport> {
-    use ddpm_trainer::quality::{DigitClassifier, evaluate};
-    let model = DigitClassifier::pretrained(&Device::Cpu)?;
-    let report = evaluate(
-        &model,
-        &samples.to_device(&Device::Cpu)?,
-        labels,
-        real,
-        &Device::Cpu,
-    )?;
-    let agreement = report
-        .class_agreement
-        .map(|a| format!(", {:.1}% of the class asked for", 100.0 * a))
-        .unwrap_or_default();
-    println!(
-        "quality (digit classifier, {} samples): Frechet distance {:.2} (real digits: {:.2}), {} of 10 classes present, mean confidence {:.2}, class counts {:?}{agreement}",
-        report.samples,
-        report.frechet_distance,
-        report.real_floor,
-        report.classes_present,
-        report.mean_confidence,
-        report.class_counts
-    );
-    Ok(report)
 }

@@ -43,16 +43,18 @@ pub fn tensor_to_images(x: &Tensor) -> Result<Vec<DynamicImage>, DataError> {
         .collect())
 }
 
-/// Saves one image as PNG, through a temporary file renamed into place.
+/// Saves one image as PNG, through a temporary file synced and renamed into place (the
+/// `atomic-write-file` crate): a failure leaves whatever was at `path` as it was.
 pub fn write_png(img: &DynamicImage, path: &Path) -> Result<(), DataError> {
-    let tmp = path.with_extension("png.tmp");
     let err = |m: String| DataError::Write {
         path: path.to_path_buf(),
         message: m,
     };
-    img.save_with_format(&tmp, image::ImageFormat::Png)
+    let mut file =
+        atomic_write_file::AtomicWriteFile::open(path).map_err(|e| err(e.to_string()))?;
+    img.write_to(&mut file, image::ImageFormat::Png)
         .map_err(|e| err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    file.commit().map_err(|e| err(e.to_string()))
 }
 
 /// Tiles a `[B, C, H, W]` batch in `[-1, 1]` into a grid of `ncols` columns with a 2-pixel

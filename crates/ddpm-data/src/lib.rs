@@ -7,7 +7,7 @@
 //!
 //! Sources:
 //! - [`ImageSet::embedded_mnist`]: 10,000 MNIST digits compiled into the crate (no network, no
-//!   set-up; provenance in `assets/mnist/README.md`).
+//!   set-up; provenance in `data/mnist/README.md`).
 //! - [`ImageSet::read_idx`]: MNIST-format IDX files, raw or gzipped.
 //! - [`ImageSet::image_folder`]: PNG and JPEG files, resized and centre-cropped, labelled by
 //!   class subfolder as torchvision's `ImageFolder` does.
@@ -78,6 +78,17 @@ pub enum DataError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// A data error where candle's is expected (`?` in a function returning
+/// `candle_core::Result`): a tensor error as it was, any other kept whole as the source.
+impl From<DataError> for candle_core::Error {
+    fn from(e: DataError) -> Self {
+        match e {
+            DataError::Candle(e) => e,
+            other => candle_core::Error::wrap(other),
+        }
+    }
 }
 
 /// Images of one size and channel count, as `u8` pixels in CHW layout, with optional labels.

@@ -10,8 +10,8 @@ use parquet::record::Field;
 
 use crate::{DataError, ImageSet};
 
-const MNIST_IMAGES: &[u8] = include_bytes!("../../../assets/mnist/mnist-10k-images-idx3-ubyte.gz");
-const MNIST_LABELS: &[u8] = include_bytes!("../../../assets/mnist/mnist-10k-labels-idx1-ubyte.gz");
+const MNIST_IMAGES: &[u8] = include_bytes!("../data/mnist/mnist-10k-images-idx3-ubyte.gz");
+const MNIST_LABELS: &[u8] = include_bytes!("../data/mnist/mnist-10k-labels-idx1-ubyte.gz");
 
 fn format_err(path: &Path, message: impl Into<String>) -> DataError {
     DataError::Format {

@@ -9,6 +9,7 @@
 //! - [`NoiseSource`], a seeded normal generator that gives the same numbers on every device and
 //!   thread count (candle's CPU `randn` cannot be seeded), with a state that can be saved and
 //!   restored for exact resume.
+//! - [`Denoiser`], the one thing a sampler needs of a model: a prediction from `x_t` and `t`.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -37,13 +38,19 @@
 //! ```
 #![warn(missing_docs)]
 
+mod denoiser;
 mod noise;
 
 use candle_core::{Device, Tensor};
 use ddpm_schedule::{Schedule, ScheduleTensors, Table};
 use serde::{Deserialize, Serialize};
 
+pub use denoiser::Denoiser;
 pub use noise::{NoiseSource, NoiseState};
+
+/// The diffusers version whose schedulers, `UNet2DModel` and file layouts the ddpm crates
+/// were checked against (and which the configs they write name as `_diffusers_version`).
+pub const DIFFUSERS_VERSION: &str = "0.42.1";
 
 /// What a denoising network predicts (diffusers' `prediction_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -83,6 +90,75 @@ impl std::str::FromStr for Prediction {
             )),
         }
     }
+}
+
+/// A coefficient of the forward process, `sqrt(abar_t)` or `sqrt(1 - abar_t)`: one host scalar
+/// for the whole batch (a sampling step), or a tensor `[B, 1, 1, 1]` per sample (training).
+pub trait Coefficient {
+    /// `x` times the coefficient.
+    fn times(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+    /// `x` over the coefficient.
+    fn divide(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+impl Coefficient for f64 {
+    fn times(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x * *self
+    }
+    fn divide(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x / *self
+    }
+}
+
+impl Coefficient for Tensor {
+    fn times(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_mul(self)
+    }
+    fn divide(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_div(self)
+    }
+}
+
+/// The `x_0` and (when `need_eps`) noise estimates from a model's output, whatever it predicts,
+/// given `x_t`'s coefficients `a = sqrt(abar_t)` and `s = sqrt(1 - abar_t)` (diffusers'
+/// formulas, in its order of operations):
+/// - eps: `x_0 = (x_t - s eps) / a`;
+/// - `x_0`: `eps = (x_t - a x_0) / s`;
+/// - v: `x_0 = a x_t - s v`, `eps = a v + s x_t`.
+///
+/// The one copy of these conversions: the sampler's steps call it with host scalars, the
+/// [`ForwardProcess`] conversions with per-sample tensors.
+pub fn x0_and_eps<C: Coefficient>(
+    prediction: Prediction,
+    model_output: &Tensor,
+    x_t: &Tensor,
+    (a, s): (&C, &C),
+    need_eps: bool,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    same_shape("the model's output and x_t", model_output, x_t)?;
+    Ok(match prediction {
+        Prediction::Epsilon => {
+            let x0 = a.divide(&(x_t - s.times(model_output)?)?)?;
+            (x0, need_eps.then(|| model_output.clone()))
+        }
+        Prediction::Sample => {
+            let eps = if need_eps {
+                Some(s.divide(&(x_t - a.times(model_output)?)?)?)
+            } else {
+                None
+            };
+            (model_output.clone(), eps)
+        }
+        Prediction::VPrediction => {
+            let x0 = (a.times(x_t)? - s.times(model_output)?)?;
+            let eps = if need_eps {
+                Some((a.times(model_output)? + s.times(x_t)?)?)
+            } else {
+                None
+            };
+            (x0, eps)
+        }
+    })
 }
 
 /// A noised training batch: what [`ForwardProcess::training_batch`] returns.
@@ -198,6 +274,14 @@ impl ForwardProcess {
         }
     }
 
+    /// `sqrt(abar_t)` and `sqrt(1 - abar_t)` per sample, shaped to broadcast against `like`.
+    fn coefs(&self, t: &Tensor, like: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.coef(Table::SqrtAlphasCumprod, t, like)?,
+            self.coef(Table::SqrtOneMinusAlphasCumprod, t, like)?,
+        ))
+    }
+
     /// `x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)` (DDPM eq. 15, diffusers' order).
     pub fn x0_from_eps(
         &self,
@@ -205,10 +289,7 @@ impl ForwardProcess {
         t: &Tensor,
         eps: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        same_shape("x0_from_eps", x_t, eps)?;
-        let s = self.coef(Table::SqrtOneMinusAlphasCumprod, t, eps)?;
-        let a = self.coef(Table::SqrtAlphasCumprod, t, x_t)?;
-        x_t.sub(&eps.broadcast_mul(&s)?)?.broadcast_div(&a)
+        self.pred_x0(Prediction::Epsilon, x_t, t, eps)
     }
 
     /// `eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)`.
@@ -218,31 +299,20 @@ impl ForwardProcess {
         t: &Tensor,
         x0: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        same_shape("eps_from_x0", x_t, x0)?;
-        let a = self.coef(Table::SqrtAlphasCumprod, t, x0)?;
-        let s = self.coef(Table::SqrtOneMinusAlphasCumprod, t, x_t)?;
-        x_t.sub(&x0.broadcast_mul(&a)?)?.broadcast_div(&s)
+        self.pred_eps(Prediction::Sample, x_t, t, x0)
     }
 
     /// `x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v`.
     pub fn x0_from_v(&self, x_t: &Tensor, t: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
-        same_shape("x0_from_v", x_t, v)?;
-        let a = self.coef(Table::SqrtAlphasCumprod, t, x_t)?;
-        let s = self.coef(Table::SqrtOneMinusAlphasCumprod, t, v)?;
-        x_t.broadcast_mul(&a)?.sub(&v.broadcast_mul(&s)?)
+        self.pred_x0(Prediction::VPrediction, x_t, t, v)
     }
 
     /// `eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t`.
     pub fn eps_from_v(&self, x_t: &Tensor, t: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
-        same_shape("eps_from_v", x_t, v)?;
-        self.combine(
-            (Table::SqrtAlphasCumprod, v),
-            (Table::SqrtOneMinusAlphasCumprod, x_t),
-            t,
-        )
+        self.pred_eps(Prediction::VPrediction, x_t, t, v)
     }
 
-    /// The model's `x_0` estimate from its output, whatever it predicts.
+    /// The model's `x_0` estimate from its output, whatever it predicts ([`x0_and_eps`]).
     pub fn pred_x0(
         &self,
         prediction: Prediction,
@@ -250,14 +320,11 @@ impl ForwardProcess {
         t: &Tensor,
         model_output: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        match prediction {
-            Prediction::Epsilon => self.x0_from_eps(x_t, t, model_output),
-            Prediction::Sample => Ok(model_output.clone()),
-            Prediction::VPrediction => self.x0_from_v(x_t, t, model_output),
-        }
+        let (a, s) = self.coefs(t, x_t)?;
+        Ok(x0_and_eps(prediction, model_output, x_t, (&a, &s), false)?.0)
     }
 
-    /// The model's noise estimate from its output, whatever it predicts.
+    /// The model's noise estimate from its output, whatever it predicts ([`x0_and_eps`]).
     pub fn pred_eps(
         &self,
         prediction: Prediction,
@@ -265,11 +332,41 @@ impl ForwardProcess {
         t: &Tensor,
         model_output: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        match prediction {
-            Prediction::Epsilon => Ok(model_output.clone()),
-            Prediction::Sample => self.eps_from_x0(x_t, t, model_output),
-            Prediction::VPrediction => self.eps_from_v(x_t, t, model_output),
+        let (a, s) = self.coefs(t, x_t)?;
+        let (_, eps) = x0_and_eps(prediction, model_output, x_t, (&a, &s), true)?;
+        Ok(eps.expect("asked for eps"))
+    }
+
+    /// The seed tutorial's forward-process picture: one image `[1, C, H, W]` noised with one
+    /// draw of noise (from `seed`) at `frames` timesteps evenly spaced over `0..T` (the first
+    /// 0, the last `T - 1`), clamped to [-1, 1]: `[frames, C, H, W]`.
+    pub fn strip(&self, image: &Tensor, frames: usize, seed: u64) -> candle_core::Result<Tensor> {
+        if frames == 0 {
+            candle_core::bail!("a strip needs at least 1 frame, got 0");
         }
+        if image.rank() != 4 || image.dim(0)? != 1 {
+            candle_core::bail!(
+                "a strip takes one image [1, C, H, W], got {:?}",
+                image.dims()
+            );
+        }
+        let t_max = self.num_train_timesteps();
+        let ts: Vec<u32> = (0..frames)
+            .map(|i| {
+                if frames == 1 {
+                    0
+                } else {
+                    (i * (t_max - 1) / (frames - 1)) as u32
+                }
+            })
+            .collect();
+        let x0 = image.repeat((frames, 1, 1, 1))?;
+        let noise = NoiseSource::new(seed)
+            .randn(image.dims()[1..].to_vec(), image.device())?
+            .unsqueeze(0)?
+            .repeat((frames, 1, 1, 1))?;
+        let t = Tensor::new(ts.as_slice(), image.device())?;
+        self.q_sample(&x0, &t, &noise)?.clamp(-1f32, 1f32)
     }
 
     /// The posterior `q(x_{t-1} | x_t, x_0)`: mean `coef1_t x_0 + coef2_t x_t` and variance

@@ -149,3 +149,40 @@ fn q_sample_is_bitwise_identical_across_runs_and_thread_counts() {
         batch_fingerprint,
     );
 }
+
+/// The forward strip noises one image with one draw of noise at evenly spaced timesteps: its
+/// frame at `t` is `q_sample` at `t`, clamped; bad frame counts and shapes are errors.
+#[test]
+fn the_forward_strip_is_q_sample_at_evenly_spaced_timesteps() {
+    let forward = ForwardProcess::new(
+        &Schedule::new(ScheduleConfig::seed_linear()).unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let image = (NoiseSource::new(1)
+        .randn((1, 1, 8, 8), &Device::Cpu)
+        .unwrap()
+        * 0.3)
+        .unwrap();
+    let strip = forward.strip(&image, 4, 9).unwrap();
+    assert_eq!(strip.dims(), &[4, 1, 8, 8]);
+    let noise = NoiseSource::new(9)
+        .randn((1, 8, 8), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    for (i, t) in [0u32, 99, 199, 299].into_iter().enumerate() {
+        let t = Tensor::new(&[t], &Device::Cpu).unwrap();
+        let expected = forward
+            .q_sample(&image, &t, &noise)
+            .unwrap()
+            .clamp(-1f32, 1f32)
+            .unwrap();
+        let frame = strip.narrow(0, i, 1).unwrap();
+        assert_close("strip frame", &flat(&frame), &flat(&expected), 1e-6, 0.0);
+    }
+    assert!(forward.strip(&image, 0, 0).is_err());
+    let two = image.repeat((2, 1, 1, 1)).unwrap();
+    let err = forward.strip(&two, 3, 0).unwrap_err().to_string();
+    assert!(err.contains("one image"), "{err}");
+}

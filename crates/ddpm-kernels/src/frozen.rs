@@ -3,7 +3,7 @@
 //! A Winograd convolution transforms its kernel on every call (`U = G g Gᵀ`, `A²/9` times the
 //! kernel's size, written to memory): for the seed model's 512 -> 1024 channel layers that is
 //! 13-21 ms per layer and call on 2 cores, memory-bound. Sampling calls the model a hundred
-//! times or more with the same weights, so inside [`with_frozen_weights`] each forward pass's
+//! times or more with the same weights, so while a [`FrozenWeights`] guard is held each forward pass's
 //! transformed kernel is kept, per thread, and reused while the kernel's values are the same.
 //!
 //! Reuse never changes a result: an entry is found by the kernel's address and length but
@@ -53,12 +53,13 @@ thread_local! {
     static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
 }
 
-/// Runs `f` with the weights frozen: for its duration, convolutions on this thread keep the
-/// transformed kernels of their forward passes and reuse them while a kernel's values are
-/// unchanged (checked on every call, so a result is always the one without the scope).
-/// `ddpm-sampler`'s `sample` runs its loop inside this; use it around your own loop of
-/// forward passes with fixed weights. Scopes nest; the kept transforms are dropped when the
-/// outermost one ends, also by a panic.
+/// A scope in which the weights are frozen, held by a guard: while a `FrozenWeights` lives,
+/// convolutions on the thread that made it keep the transformed kernels of their forward
+/// passes and reuse them while a kernel's values are unchanged (checked on every call, so a
+/// result is always the one without the scope). Hold one around a loop of forward passes with
+/// fixed weights, such as a sampling loop (`ddpm_unet::Unet::freeze_weights` gives one).
+/// Guards nest; the kept transforms are dropped when the outermost one is dropped, also by a
+/// panic. The guard belongs to its thread (it is neither `Send` nor `Sync`).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -69,34 +70,51 @@ thread_local! {
 /// let x = x.repeat((1, 1, 1, 4))?; // NHWC, 16 channels
 /// let w = (Tensor::arange(0f32, 16. * 16. * 9., &dev)?.reshape((16, 16, 3, 3))? / 9.)?.cos()?;
 /// let plain = ddpm_kernels::conv2d_nhwc(&x, &w, None, 1, 1)?;
-/// let frozen = ddpm_kernels::with_frozen_weights(|| -> candle_core::Result<_> {
+/// let frozen = {
+///     let _frozen = ddpm_kernels::FrozenWeights::hold();
 ///     let mut y = ddpm_kernels::conv2d_nhwc(&x, &w, None, 1, 1)?;
 ///     for _ in 0..3 {
 ///         y = ddpm_kernels::conv2d_nhwc(&x, &w, None, 1, 1)?; // the kept transform
 ///     }
-///     Ok(y)
-/// })?;
+///     y
+/// };
 /// let diff = (plain - frozen)?.abs()?.max_all()?.to_scalar::<f32>()?;
 /// assert_eq!(diff, 0.0);
 /// # Ok(())
 /// # }
 /// ```
-pub fn with_frozen_weights<R>(f: impl FnOnce() -> R) -> R {
-    /// Leaves the scope on drop, also when `f` panics.
-    struct Scope;
-    impl Drop for Scope {
-        fn drop(&mut self) {
-            let depth = DEPTH.with(|d| {
-                d.set(d.get() - 1);
-                d.get()
-            });
-            if depth == 0 {
-                CACHE.with(|c| *c.borrow_mut() = Cache::default());
-            }
+#[derive(Debug)]
+#[must_use = "the weights are frozen only while the guard is held"]
+pub struct FrozenWeights {
+    /// Not `Send`: the scope is the creating thread's.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl FrozenWeights {
+    /// Enters the scope on this thread until the guard is dropped.
+    pub fn hold() -> Self {
+        DEPTH.with(|d| d.set(d.get() + 1));
+        Self {
+            _thread: std::marker::PhantomData,
         }
     }
-    DEPTH.with(|d| d.set(d.get() + 1));
-    let _scope = Scope;
+}
+
+impl Drop for FrozenWeights {
+    fn drop(&mut self) {
+        let depth = DEPTH.with(|d| {
+            d.set(d.get() - 1);
+            d.get()
+        });
+        if depth == 0 {
+            CACHE.with(|c| *c.borrow_mut() = Cache::default());
+        }
+    }
+}
+
+/// Runs `f` inside a [`FrozenWeights`] scope.
+pub fn with_frozen_weights<R>(f: impl FnOnce() -> R) -> R {
+    let _frozen = FrozenWeights::hold();
     f()
 }
 
@@ -115,7 +133,7 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
         })
 }
 
-/// Whether this thread is inside [`with_frozen_weights`].
+/// Whether this thread holds a [`FrozenWeights`].
 pub(crate) fn active() -> bool {
     DEPTH.with(|d| d.get()) > 0
 }

@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::matmul::zeroed;
-use crate::{contiguous_f32, tensor, with_data};
+use crate::ops::{check_eps, contiguous_f32, is_cpu_f32, per_channel_dims, tensor, with_data};
 
 /// The op: `groups` groups, `eps`, with or without the SiLU, and the per-slab mean and
 /// `1 / sqrt(var + eps)` the forward pass found, for the backward pass.
@@ -564,7 +564,7 @@ impl pulp::WithSimd for BackwardSample<'_> {
 
 /// Whether [`group_norm`] runs on `x`: f32 on the CPU.
 pub fn group_norm_supports(x: &Tensor) -> bool {
-    crate::relu_batch_norm_supports(x)
+    is_cpu_f32(x)
 }
 
 /// GroupNorm (Wu and He 2018) as PyTorch's `nn.GroupNorm`: the channels (dimension 1) of
@@ -629,9 +629,8 @@ fn group_norm_in(
         (false, true) => "group_norm_nhwc",
         (true, true) => "group_norm_silu_nhwc",
     };
-    let channels =
-        crate::norm::per_channel_dims(what, x, ("weight and bias [C]", weight, bias), nhwc)?;
-    crate::norm::check_eps(what, eps)?;
+    let channels = per_channel_dims(what, x, ("weight and bias [C]", weight, bias), nhwc)?;
+    check_eps(what, eps)?;
     if groups == 0 || channels % groups != 0 {
         candle_core::bail!("{what}: {channels} channels do not split into {groups} groups");
     }

@@ -13,7 +13,9 @@ use rayon::prelude::*;
 
 use crate::layout::row_sums;
 use crate::matmul::zeroed;
-use crate::{contiguous_f32, tensor, with_data};
+use crate::ops::{
+    ROWS_PER_TASK, check_eps, contiguous_f32, is_cpu_f32, per_channel_dims, tensor, with_data,
+};
 
 /// The statistics of one batch that a training-mode BatchNorm normalised with.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,9 +51,6 @@ fn channel_dims(dims: &[usize], nhwc: bool) -> (usize, usize) {
         (dims[1], dims[2..].iter().product())
     }
 }
-
-/// Rows of channels-last values per task of the elementwise passes.
-const ROWS_PER_TASK: usize = 256;
 
 /// `out[r, c] = f(c, x[r, c])` over channels-last `[rows, channels]` data, in parallel.
 fn map_rows(out: &mut [f32], x: &[f32], channels: usize, f: impl Fn(usize, f32) -> f32 + Sync) {
@@ -329,7 +328,7 @@ fn backward_nhwc(x: &[f32], w: &[f32], dy: &[f32], saved: &Saved, channels: usiz
 
 /// Whether [`relu_batch_norm`] runs on `x`: f32 on the CPU.
 pub fn relu_batch_norm_supports(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    is_cpu_f32(x)
 }
 
 /// `BatchNorm(relu(x))` in training mode: `relu(x)` normalised per channel (dimension 1) with
@@ -395,46 +394,6 @@ fn relu_batch_norm_in(
 struct ReluChannelAffine {
     /// Channels last (`[..., C]`), else dimension 1.
     nhwc: bool,
-}
-
-/// Checks that `x` is f32 on the CPU, `[N, C, ...]` (or `[..., C]` with `nhwc`) and not
-/// empty, and that the two vectors, described for errors as `names`, are `[C]`; returns `C`.
-pub(crate) fn per_channel_dims(
-    what: &str,
-    x: &Tensor,
-    (names, a, b): (&str, &Tensor, &Tensor),
-    nhwc: bool,
-) -> candle_core::Result<usize> {
-    if !relu_batch_norm_supports(x) {
-        candle_core::bail!(
-            "ddpm-kernels runs f32 on the CPU (got {:?} on {:?})",
-            x.dtype(),
-            x.device().location()
-        );
-    }
-    let dims = x.dims();
-    let c = if nhwc { dims.last() } else { dims.get(1) };
-    let shape = if nhwc { "[..., C]" } else { "[N, C, ...]" };
-    if dims.len() < 2 || c.is_none_or(|&c| a.dims() != [c] || b.dims() != [c]) {
-        candle_core::bail!(
-            "{what} takes x {shape} with {names}, got {:?}, {:?}, {:?}",
-            dims,
-            a.dims(),
-            b.dims()
-        );
-    }
-    if x.elem_count() == 0 {
-        candle_core::bail!("{what}: x {dims:?} holds no values");
-    }
-    Ok(c.copied().unwrap_or(0))
-}
-
-/// Checks a normalisation's `eps`.
-pub(crate) fn check_eps(what: &str, eps: f64) -> candle_core::Result<()> {
-    if !(eps.is_finite() && eps >= 0.0) {
-        candle_core::bail!("{what}: eps must be >= 0, got {eps}");
-    }
-    Ok(())
 }
 
 impl CustomOp3 for ReluChannelAffine {
@@ -655,91 +614,4 @@ fn relu_batch_norm_eval_in(
     let scale = weight.mul(&(running_var + eps)?.sqrt()?.recip()?)?;
     let shift = bias.sub(&running_mean.mul(&scale)?)?;
     relu_channel_affine_in(x, &scale, &shift, nhwc)
-}
-
-/// `x + v[b]` at every position of image `b`, channels last.
-struct AddPerImage;
-
-impl candle_core::CustomOp2 for AddPerImage {
-    fn name(&self) -> &'static str {
-        "add-per-image"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, v) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
-        let (b, c) = l2.shape().dims2()?;
-        let image = x.len() / b.max(1);
-        let mut y = zeroed(x.len());
-        y.par_chunks_mut(ROWS_PER_TASK * c)
-            .zip(x.par_chunks(ROWS_PER_TASK * c))
-            .enumerate()
-            .for_each(|(task, (ys, xs))| {
-                let start = task * ROWS_PER_TASK * c;
-                for (i, (yr, xr)) in ys.chunks_exact_mut(c).zip(xs.chunks_exact(c)).enumerate() {
-                    let vb = &v[(start + i * c) / image * c..][..c];
-                    for ((o, &a), &add) in yr.iter_mut().zip(xr).zip(vb) {
-                        *o = a + add;
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (b, c) = v.dims2()?;
-        // dv[b] = the sum of dy over image b's positions, in f64, one task per image.
-        let dv = with_data(grad_res, |dy| {
-            let image = dy.len() / b.max(1);
-            dy.par_chunks(image.max(1))
-                .flat_map_iter(|img| {
-                    let mut acc = vec![0f64; c];
-                    for row in img.chunks_exact(c) {
-                        for (a, &g) in acc.iter_mut().zip(row) {
-                            *a += f64::from(g);
-                        }
-                    }
-                    acc.into_iter().map(|s| s as f32)
-                })
-                .collect::<Vec<f32>>()
-        })?;
-        Ok((Some(grad_res.clone()), Some(tensor(dv, &[b, c], v)?)))
-    }
-}
-
-/// `x + v[b]` at every position of image `b`: `x` is channels-last `[B, ..., C]` (NHWC
-/// images), `v` is `[B, C]` (a per-image vector, such as a projected time embedding), both f32
-/// on the CPU. One pass, where candle's `broadcast_add` of `v` as `[B, 1, 1, C]` takes its
-/// strided path; gradients flow to both.
-pub fn add_per_image_nhwc(x: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
-    if !relu_batch_norm_supports(x) || !relu_batch_norm_supports(v) {
-        candle_core::bail!(
-            "ddpm-kernels runs f32 on the CPU (got {:?} on {:?} and {:?} on {:?})",
-            x.dtype(),
-            x.device().location(),
-            v.dtype(),
-            v.device().location()
-        );
-    }
-    let dims = x.dims();
-    let fits = dims.len() >= 2 && v.dims() == [dims[0], dims[dims.len() - 1]];
-    if !fits || x.elem_count() == 0 {
-        candle_core::bail!(
-            "add_per_image_nhwc takes x [B, ..., C] with values and v [B, C], got {:?} and {:?}",
-            dims,
-            v.dims()
-        );
-    }
-    x.contiguous()?.apply_op2(&v.contiguous()?, AddPerImage)
 }

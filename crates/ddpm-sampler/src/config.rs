@@ -1,7 +1,7 @@
 //! Sampler settings and diffusers' `scheduler_config.json`.
 
 use ddpm_forward::Prediction;
-use ddpm_schedule::{BetaSchedule, ScheduleConfig};
+use ddpm_schedule::{BetaSchedule, DIFFUSERS_BETA_SCHEDULES, ScheduleConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -55,6 +55,28 @@ impl std::str::FromStr for TimestepSpacing {
             other => Err(format!(
                 "timestep_spacing {other:?} is not supported (leading, trailing or linspace)"
             )),
+        }
+    }
+}
+
+/// Which reverse process to run: the name `ddpm sample --sampler` and a training
+/// configuration's `sampler` give (`"ddpm"` or `"ddim"` in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplerKind {
+    /// DDPM ancestral sampling ([`crate::DdpmSampler`]).
+    Ddpm,
+    /// DDIM ([`crate::DdimSampler`]).
+    Ddim,
+}
+
+impl SamplerKind {
+    /// The steps a sampler of this kind takes unless told: every training timestep for DDPM,
+    /// 50 for DDIM.
+    pub fn default_steps(self, num_train_timesteps: usize) -> usize {
+        match self {
+            Self::Ddpm => num_train_timesteps,
+            Self::Ddim => 50,
         }
     }
 }
@@ -244,6 +266,47 @@ impl SchedulerConfig {
         }
     }
 
+    /// The settings a model trained by `ddpm-trainer` with `schedule` and `prediction`
+    /// samples with (and that `ddpm export` writes as its `scheduler_config.json`): diffusers'
+    /// `DDPMScheduler` with the posterior variance, `x_0` clipped to [-1, 1], leading spacing.
+    pub fn for_training(schedule: ScheduleConfig, prediction: Prediction) -> Self {
+        Self {
+            class_name: "DDPMScheduler".into(),
+            schedule,
+            prediction,
+            clip_sample: true,
+            clip_sample_range: 1.0,
+            variance_type: VarianceType::FixedSmall,
+            set_alpha_to_one: true,
+            steps_offset: 0,
+            timestep_spacing: TimestepSpacing::Leading,
+        }
+    }
+
+    /// The sampler `kind` with this config's settings over its schedule: `steps` spaced steps
+    /// (unless `None`: [`SamplerKind::default_steps`]), and DDIM's `eta` (which DDPM must leave
+    /// at 0).
+    pub fn sampler(
+        &self,
+        kind: SamplerKind,
+        steps: Option<usize>,
+        eta: f64,
+    ) -> candle_core::Result<Box<dyn crate::Scheduler>> {
+        let schedule = ddpm_schedule::Schedule::new(self.schedule)?;
+        Ok(match kind {
+            SamplerKind::Ddpm => {
+                if eta != 0.0 {
+                    candle_core::bail!("eta applies to DDIM only, got {eta} for DDPM");
+                }
+                Box::new(crate::DdpmSampler::new(&schedule, self.ddpm(steps))?)
+            }
+            SamplerKind::Ddim => {
+                let steps = steps.unwrap_or(kind.default_steps(self.schedule.num_train_timesteps));
+                Box::new(crate::DdimSampler::new(&schedule, self.ddim(steps, eta))?)
+            }
+        })
+    }
+
     /// Parses a `scheduler_config.json`. Missing keys take diffusers' defaults; unknown keys and
     /// unsupported values (`thresholding`, `trained_betas`, learned variances, ...) are errors
     /// naming them.
@@ -301,28 +364,14 @@ impl SchedulerConfig {
         let num_train_timesteps = r.usize("num_train_timesteps", 1000)?;
         let beta_start = r.f64("beta_start", 1e-4)?;
         let beta_end = r.f64("beta_end", 0.02)?;
-        let beta_schedule = match r.str("beta_schedule", "linear")?.as_str() {
-            "linear" => BetaSchedule::Linear {
-                beta_start,
-                beta_end,
-                scale_to_1000_steps: false,
-            },
-            "scaled_linear" => BetaSchedule::ScaledLinear {
-                beta_start,
-                beta_end,
-            },
-            "squaredcos_cap_v2" => BetaSchedule::Cosine { max_beta: 0.999 },
-            "sigmoid" => BetaSchedule::Sigmoid {
-                beta_start,
-                beta_end,
-            },
-            other => {
-                return Err(msg(format!(
-                    "scheduler_config.json: beta_schedule {other:?} is not supported \
-                     (linear, scaled_linear, squaredcos_cap_v2 or sigmoid)"
-                )));
-            }
-        };
+        let name = r.str("beta_schedule", "linear")?;
+        let beta_schedule =
+            BetaSchedule::from_diffusers(&name, beta_start, beta_end).ok_or_else(|| {
+                msg(format!(
+                    "scheduler_config.json: beta_schedule {name:?} is not supported ({})",
+                    DIFFUSERS_BETA_SCHEDULES.join(", ")
+                ))
+            })?;
         let schedule = ScheduleConfig {
             num_train_timesteps,
             beta_schedule,
@@ -387,41 +436,18 @@ impl SchedulerConfig {
         m.insert("_class_name".into(), self.class_name.clone().into());
         m.insert(
             "_diffusers_version".into(),
-            ddpm_unet::DIFFUSERS_VERSION.into(),
+            ddpm_forward::DIFFUSERS_VERSION.into(),
         );
         m.insert(
             "num_train_timesteps".into(),
             self.schedule.num_train_timesteps.into(),
         );
-        let (name, start, end) = match self.schedule.beta_schedule {
-            BetaSchedule::Linear {
-                scale_to_1000_steps: true,
-                ..
-            } => {
-                return Err(msg(
-                    "a linear schedule scaled to 1000 steps has no diffusers equivalent".into(),
-                ));
-            }
-            BetaSchedule::Linear {
-                beta_start,
-                beta_end,
-                ..
-            } => ("linear", beta_start, beta_end),
-            BetaSchedule::ScaledLinear {
-                beta_start,
-                beta_end,
-            } => ("scaled_linear", beta_start, beta_end),
-            BetaSchedule::Sigmoid {
-                beta_start,
-                beta_end,
-            } => ("sigmoid", beta_start, beta_end),
-            BetaSchedule::Cosine { max_beta: 0.999 } => ("squaredcos_cap_v2", 1e-4, 0.02),
-            BetaSchedule::Cosine { max_beta } => {
-                return Err(msg(format!(
-                    "a cosine schedule capped at {max_beta} has no diffusers equivalent (0.999)"
-                )));
-            }
-        };
+        let (name, start, end) = self.schedule.beta_schedule.to_diffusers().ok_or_else(|| {
+            msg(format!(
+                "the schedule {:?} has no diffusers equivalent",
+                self.schedule.beta_schedule
+            ))
+        })?;
         m.insert("beta_schedule".into(), name.into());
         m.insert("beta_start".into(), start.into());
         m.insert("beta_end".into(), end.into());

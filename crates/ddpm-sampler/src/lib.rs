@@ -20,7 +20,7 @@
 //! use ddpm_schedule::{Schedule, ScheduleConfig};
 //!
 //! # fn main() -> candle_core::Result<()> {
-//! let schedule = Schedule::new(ScheduleConfig::ddpm_linear()).unwrap();
+//! let schedule = Schedule::new(ScheduleConfig::ddpm_linear())?;
 //! let ddim = DdimSampler::new(&schedule, DdimConfig::new(10, 0.0))?;
 //! assert_eq!(ddim.timesteps(), &[900, 800, 700, 600, 500, 400, 300, 200, 100, 0]);
 //!
@@ -41,11 +41,15 @@ mod config;
 
 use candle_core::{DType, Tensor};
 use ddpm_forward::{NoiseSource, Prediction};
-use ddpm_schedule::Schedule;
-use ddpm_unet::Denoiser;
+use ddpm_schedule::{PosteriorCoefficients, Schedule};
+
+/// What [`sample`] calls: any model with a prediction from `x_t` and `t` (a closure, your own
+/// network, or `ddpm-unet`'s U-Nets).
+pub use ddpm_forward::Denoiser;
 
 pub use config::{
-    DdimConfig, DdpmConfig, SchedulerConfig, TimestepSpacing, VarianceType, spaced_timesteps,
+    DdimConfig, DdpmConfig, SamplerKind, SchedulerConfig, TimestepSpacing, VarianceType,
+    spaced_timesteps,
 };
 
 /// What one reverse step produces.
@@ -73,7 +77,8 @@ pub trait Scheduler {
     ) -> candle_core::Result<StepOutput>;
 }
 
-/// `x_0` and `eps` estimates from a model output, with `abar_t` on the host (diffusers' formulas).
+/// `x_0` and `eps` estimates from a model output, with `abar_t` on the host
+/// ([`ddpm_forward::x0_and_eps`]).
 fn predict(
     prediction: Prediction,
     model_output: &Tensor,
@@ -88,28 +93,8 @@ fn predict(
             sample.dims()
         );
     }
-    let (sa, sb) = (abar_t.sqrt(), (1.0 - abar_t).sqrt());
-    Ok(match prediction {
-        Prediction::Epsilon => ((sample - (model_output * sb)?)? / sa)
-            .map(|x0| (x0, need_eps.then(|| model_output.clone())))?,
-        Prediction::Sample => {
-            let eps = if need_eps {
-                Some(((sample - (model_output * sa)?)? / sb)?)
-            } else {
-                None
-            };
-            (model_output.clone(), eps)
-        }
-        Prediction::VPrediction => {
-            let x0 = ((sample * sa)? - (model_output * sb)?)?;
-            let eps = if need_eps {
-                Some(((model_output * sa)? + (sample * sb)?)?)
-            } else {
-                None
-            };
-            (x0, eps)
-        }
-    })
+    let (a, s) = (abar_t.sqrt(), (1.0 - abar_t).sqrt());
+    ddpm_forward::x0_and_eps(prediction, model_output, sample, (&a, &s), need_eps)
 }
 
 fn timestep_at(timesteps: &[usize], index: usize) -> candle_core::Result<usize> {
@@ -198,23 +183,16 @@ impl DdpmSampler {
             Some(&p) => self.abar[p],
             None => 1.0,
         };
-        let (beta_prod_t, beta_prod_prev) = (1.0 - abar_t, 1.0 - abar_prev);
-        let current_alpha = abar_t / abar_prev;
-        let current_beta = 1.0 - current_alpha;
-
+        let posterior = PosteriorCoefficients::new(abar_t, abar_prev);
         let (x0, _) = predict(c.prediction, model_output, sample, abar_t, false)?;
         let x0 = clip(x0, c.clip_sample, c.clip_sample_range)?;
         // DDPM eq. 7: the posterior mean.
-        let coef_x0 = abar_prev.sqrt() * current_beta / beta_prod_t;
-        let coef_xt = current_alpha.sqrt() * beta_prod_prev / beta_prod_t;
-        let mut prev = ((&x0 * coef_x0)? + (sample * coef_xt)?)?;
+        let mut prev = ((&x0 * posterior.x0)? + (sample * posterior.x_t)?)?;
         if t > 0 {
             if let Some(noise) = noise {
                 let variance = match c.variance_type {
-                    VarianceType::FixedSmall => {
-                        (beta_prod_prev / beta_prod_t * current_beta).max(1e-20)
-                    }
-                    VarianceType::FixedLarge => current_beta,
+                    VarianceType::FixedSmall => posterior.variance.max(1e-20),
+                    VarianceType::FixedLarge => 1.0 - abar_t / abar_prev,
                 };
                 prev = (prev + (noise * variance.sqrt())?)?;
             }
@@ -313,8 +291,9 @@ impl DdimSampler {
         } else {
             eps.expect("asked for eps")
         };
-        // DDIM eq. 16: sigma_t^2 = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev).
-        let variance = (1.0 - abar_prev) / beta_prod_t * (1.0 - abar_t / abar_prev);
+        // DDIM eq. 16: sigma_t^2 = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev),
+        // the DDPM posterior's variance.
+        let variance = PosteriorCoefficients::new(abar_t, abar_prev).variance;
         let std_dev = c.eta * variance.sqrt();
         let direction = (1.0 - abar_prev - std_dev * std_dev).max(0.0).sqrt();
         let mut prev = ((&x0 * abar_prev.sqrt())? + (eps * direction)?)?;
@@ -365,9 +344,11 @@ pub struct Progress<'a> {
 
 /// Runs the reverse process from `init` (`x_T`, e.g. `rng.randn(..)` or noise you pinned):
 /// one model call per step for the whole batch, step noise from `rng`, `on_step` after each
-/// step. Returns the final sample (not clamped). The loop runs inside
-/// [`ddpm_unet::with_frozen_weights`], so the model's convolutions transform their kernels
-/// once, not once per step (the results are the same either way).
+/// step. Returns the final sample (not clamped).
+///
+/// The loop knows nothing of the model but [`Denoiser`]. A model may offer something to hold
+/// while it runs with fixed weights: `ddpm-unet`'s `Unet::freeze_weights` makes its
+/// convolutions transform their kernels once, not once per step (the same bits either way).
 pub fn sample<D, S>(
     model: &D,
     scheduler: &S,
@@ -383,21 +364,18 @@ where
     let device = init.device().clone();
     let timesteps = scheduler.timesteps();
     let mut x = init;
-    // The weights do not change during the loop: convolutions transform their kernels once.
-    ddpm_unet::with_frozen_weights(|| {
-        for (index, &t) in timesteps.iter().enumerate() {
-            let t_batch = Tensor::full(t as u32, batch, &device)?;
-            let model_output = model.predict(&x, &t_batch)?.to_dtype(DType::F32)?;
-            let out = scheduler.step(index, &model_output, &x, rng)?;
-            x = out.prev_sample;
-            on_step(&Progress {
-                index,
-                num_steps: timesteps.len(),
-                timestep: t,
-                sample: &x,
-                pred_original_sample: &out.pred_original_sample,
-            });
-        }
-        Ok(x)
-    })
+    for (index, &t) in timesteps.iter().enumerate() {
+        let t_batch = Tensor::full(t as u32, batch, &device)?;
+        let model_output = model.predict(&x, &t_batch)?.to_dtype(DType::F32)?;
+        let out = scheduler.step(index, &model_output, &x, rng)?;
+        x = out.prev_sample;
+        on_step(&Progress {
+            index,
+            num_steps: timesteps.len(),
+            timestep: t,
+            sample: &x,
+            pred_original_sample: &out.pred_original_sample,
+        });
+    }
+    Ok(x)
 }

@@ -45,6 +45,14 @@ pub enum ScheduleError {
     },
 }
 
+/// A schedule error where candle's is expected (`?` in a function returning
+/// `candle_core::Result`), kept whole as the error's source.
+impl From<ScheduleError> for candle_core::Error {
+    fn from(e: ScheduleError) -> Self {
+        candle_core::Error::wrap(e)
+    }
+}
+
 /// How the betas `beta_0..beta_{T-1}` are laid out over the `T` training timesteps.
 ///
 /// Serialized with a `kind` tag, e.g. `{"kind": "linear", "beta_start": 0.0001, "beta_end": 0.02}`.
@@ -84,6 +92,64 @@ pub enum BetaSchedule {
         /// The upper asymptote.
         beta_end: f64,
     },
+}
+
+/// The `beta_schedule` names of diffusers' schedulers that [`BetaSchedule::from_diffusers`]
+/// takes.
+pub const DIFFUSERS_BETA_SCHEDULES: [&str; 4] =
+    ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"];
+
+impl BetaSchedule {
+    /// The schedule diffusers' schedulers build from `beta_schedule`, `beta_start` and
+    /// `beta_end` (the cosine one ignores both ends and caps betas at 0.999, as diffusers does);
+    /// `None` for a name diffusers does not have (see [`DIFFUSERS_BETA_SCHEDULES`]).
+    pub fn from_diffusers(name: &str, beta_start: f64, beta_end: f64) -> Option<Self> {
+        Some(match name {
+            "linear" => Self::Linear {
+                beta_start,
+                beta_end,
+                scale_to_1000_steps: false,
+            },
+            "scaled_linear" => Self::ScaledLinear {
+                beta_start,
+                beta_end,
+            },
+            "squaredcos_cap_v2" => Self::Cosine { max_beta: 0.999 },
+            "sigmoid" => Self::Sigmoid {
+                beta_start,
+                beta_end,
+            },
+            _ => return None,
+        })
+    }
+
+    /// The diffusers `(beta_schedule, beta_start, beta_end)` that [`BetaSchedule::from_diffusers`]
+    /// turns back into this schedule; `None` where diffusers has no equivalent (a linear schedule
+    /// scaled to 1000 steps, a cosine one capped other than at 0.999).
+    pub fn to_diffusers(&self) -> Option<(&'static str, f64, f64)> {
+        match *self {
+            Self::Linear {
+                scale_to_1000_steps: true,
+                ..
+            } => None,
+            Self::Linear {
+                beta_start,
+                beta_end,
+                ..
+            } => Some(("linear", beta_start, beta_end)),
+            Self::ScaledLinear {
+                beta_start,
+                beta_end,
+            } => Some(("scaled_linear", beta_start, beta_end)),
+            Self::Sigmoid {
+                beta_start,
+                beta_end,
+            } => Some(("sigmoid", beta_start, beta_end)),
+            // diffusers' defaults for the ends it ignores.
+            Self::Cosine { max_beta: 0.999 } => Some(("squaredcos_cap_v2", 1e-4, 0.02)),
+            Self::Cosine { .. } => None,
+        }
+    }
 }
 
 /// A complete, serializable description of a noise schedule.

@@ -35,7 +35,9 @@
 #![warn(missing_docs)]
 
 mod config;
+mod posterior;
 mod tables;
 
-pub use config::{BetaSchedule, ScheduleConfig, ScheduleError};
+pub use config::{BetaSchedule, DIFFUSERS_BETA_SCHEDULES, ScheduleConfig, ScheduleError};
+pub use posterior::PosteriorCoefficients;
 pub use tables::{Schedule, ScheduleTensors, Table};

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::{ScheduleConfig, ScheduleError};
+use crate::{PosteriorCoefficients, ScheduleConfig, ScheduleError};
 
 /// One precomputed per-timestep quantity. `t` runs over `0..T`; `abar_t` is `alphas_cumprod[t]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -104,7 +104,10 @@ impl Schedule {
             .map(|t| if t == 0 { 1.0 } else { abar[t - 1] })
             .collect();
         let map = |f: &dyn Fn(usize) -> f64| (0..n).map(f).collect::<Vec<f64>>();
-        let posterior_variance = map(&|t| betas[t] * (1.0 - abar_prev[t]) / (1.0 - abar[t]));
+        let posterior: Vec<PosteriorCoefficients> = (0..n)
+            .map(|t| PosteriorCoefficients::new(abar[t], abar_prev[t]))
+            .collect();
+        let posterior_variance = map(&|t| posterior[t].variance);
         let log_clip_source = |t: usize| {
             if t > 0 {
                 posterior_variance[t]
@@ -134,14 +137,8 @@ impl Schedule {
             Table::PosteriorLogVarianceClipped,
             map(&|t| log_clip_source(t).ln()),
         );
-        set(
-            Table::PosteriorMeanCoef1,
-            map(&|t| betas[t] * abar_prev[t].sqrt() / (1.0 - abar[t])),
-        );
-        set(
-            Table::PosteriorMeanCoef2,
-            map(&|t| (1.0 - abar_prev[t]) * alphas[t].sqrt() / (1.0 - abar[t])),
-        );
+        set(Table::PosteriorMeanCoef1, map(&|t| posterior[t].x0));
+        set(Table::PosteriorMeanCoef2, map(&|t| posterior[t].x_t));
         set(Table::Snr, map(&|t| abar[t] / (1.0 - abar[t])));
         set(Table::PosteriorVariance, posterior_variance);
         set(Table::AlphasCumprodPrev, abar_prev);

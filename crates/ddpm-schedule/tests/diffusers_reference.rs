@@ -19,19 +19,9 @@ fn from_diffusers(config: &Value) -> ScheduleConfig {
     let n = config["num_train_timesteps"].as_u64().unwrap() as usize;
     let beta_start = config["beta_start"].as_f64().unwrap();
     let beta_end = config["beta_end"].as_f64().unwrap();
-    let beta_schedule = match config["beta_schedule"].as_str().unwrap() {
-        "linear" => BetaSchedule::Linear {
-            beta_start,
-            beta_end,
-            scale_to_1000_steps: false,
-        },
-        "scaled_linear" => BetaSchedule::ScaledLinear {
-            beta_start,
-            beta_end,
-        },
-        "squaredcos_cap_v2" => BetaSchedule::Cosine { max_beta: 0.999 },
-        other => panic!("no mapping for {other}"),
-    };
+    let name = config["beta_schedule"].as_str().unwrap();
+    let beta_schedule = BetaSchedule::from_diffusers(name, beta_start, beta_end)
+        .unwrap_or_else(|| panic!("no mapping for {name}"));
     ScheduleConfig {
         num_train_timesteps: n,
         beta_schedule,

@@ -1,5 +1,5 @@
 //! Trains the digit classifier behind `ddpm_trainer::quality` and writes its weights to
-//! `assets/classifier/digits-32.safetensors`: 1500 Adam steps of 64 on digits 0..9000 of the
+//! `crates/ddpm-trainer/data/classifier/digits-32.safetensors`: 1500 Adam steps of 64 on digits 0..9000 of the
 //! embedded set (padded to 32x32), seed 0; prints the accuracy on digits 9000..10000.
 //!
 //! ```sh
@@ -22,8 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "held-out accuracy: {:.4}",
         accuracy(&model, &held_out, &device)?
     );
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../assets/classifier/digits-32.safetensors");
+    let out =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/classifier/digits-32.safetensors");
     ddpm_unet::write_safetensors(&ddpm_unet::varmap_tensors(&varmap), None, &out)?;
     println!("wrote {}", out.display());
     Ok(())

@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use ddpm_data::{DataPosition, ImageSet};
 use ddpm_forward::{NoiseSource, NoiseState};
 
-use crate::trainer::{AdamW, sorted_params};
+use crate::trainer::AdamW;
 use crate::{TrainConfig, Trainer};
 
 /// The `format` metadata value of our checkpoints.
@@ -24,39 +24,19 @@ fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)
 }
 
-/// Writes a file atomically: `write` fills a temporary file beside `path`, which is flushed to
-/// disk and renamed over `path` only if `write` succeeds. A failure (or a crash) at any point
-/// leaves whatever was at `path` untouched; a failed attempt removes its temporary file.
+/// Writes a file atomically: `write` fills a temporary file beside `path` (named
+/// `.NAME.XXXXXX`), which is flushed to disk and renamed over `path` only if `write` succeeds,
+/// and the folder is synced so the rename is durable (the `atomic-write-file` crate). A failure
+/// (or a crash) at any point leaves whatever was at `path` untouched; a failed attempt removes
+/// its temporary file.
 pub fn atomic_write(
     path: &Path,
     write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        write(&mut file)?;
-        file.flush()?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)?;
-        // Make the rename itself durable.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let mut file = atomic_write_file::AtomicWriteFile::open(path)?;
+    write(file.as_file_mut())?;
+    file.flush()?;
+    file.commit()
 }
 
 /// The checkpoint file name for `step`.
@@ -159,7 +139,7 @@ impl Trainer {
         for (name, var) in trainer.varmap.data().lock().expect("not poisoned").iter() {
             var.set(&model[name])?;
         }
-        for (name, _) in sorted_params(&trainer.varmap) {
+        for (name, _) in ddpm_unet::trainable_vars(&trainer.varmap) {
             for (moments, what) in [(&m, "adam_m"), (&v, "adam_v")] {
                 let t = moments
                     .get(&name)

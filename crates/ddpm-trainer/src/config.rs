@@ -2,8 +2,9 @@
 //! checkpoint.
 
 use ddpm_forward::Prediction;
+use ddpm_sampler::{SamplerKind, SchedulerConfig};
 use ddpm_schedule::ScheduleConfig;
-use ddpm_unet::UnetConfig;
+use ddpm_unet::{Classes, UnetConfig};
 use serde::{Deserialize, Serialize};
 
 /// The regression loss between the network's output and its target.
@@ -19,22 +20,6 @@ pub enum Loss {
         /// Where the quadratic part ends.
         delta: f64,
     },
-}
-
-/// How the sample grids and the quality report draw images from the EMA weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GridSampler {
-    /// DDPM ancestral sampling (posterior variance, `x_0` clipped to [-1, 1]) over
-    /// `sample_steps` spaced steps. Its fresh noise at each step corrects the errors of a small
-    /// model that deterministic DDIM carries to the end: on the earlier `mnist` recipe's
-    /// SimpleUnet, 250 steps gave a Fréchet distance of 40 where DDIM's 25 and 50 steps gave
-    /// 62 and 82.
-    Ddpm,
-    /// Deterministic DDIM (eta 0, `x_0` clipped to [-1, 1]) over `sample_steps` steps. The
-    /// default of configurations written before this choice existed.
-    #[default]
-    Ddim,
 }
 
 /// How the learning rate evolves after warmup (diffusers' `get_scheduler` names).
@@ -155,9 +140,13 @@ pub struct TrainConfig {
     pub sample_every: u64,
     /// Images in each sample grid.
     pub sample_count: usize,
-    /// The sampler of the sample grids and the quality report.
-    #[serde(default)]
-    pub sampler: GridSampler,
+    /// The sampler of the sample grids and the quality report. DDPM's fresh noise at each step
+    /// corrects the errors of a small model that deterministic DDIM carries to the end: on the
+    /// earlier `mnist` recipe's SimpleUnet, 250 DDPM steps gave a Fréchet distance of 40 where
+    /// DDIM's 25 and 50 steps gave 62 and 82. Configurations written before this choice
+    /// existed sampled with DDIM.
+    #[serde(default = "ddim")]
+    pub sampler: SamplerKind,
     /// Sampling steps for the sample grids and the quality report.
     pub sample_steps: usize,
     /// For a class-conditional model: the probability of training an image with the "no
@@ -172,6 +161,10 @@ pub struct TrainConfig {
     pub guidance_scale: f64,
 }
 
+fn ddim() -> SamplerKind {
+    SamplerKind::Ddim
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -181,11 +174,18 @@ pub const RECIPES: [&str; 3] = ["mnist", "seed", "tiny"];
 
 impl TrainConfig {
     /// The number of real classes a class-conditional model is trained on: its
-    /// `num_class_embeds`, less the "no class" label when `class_dropout` is on. `None` for an
-    /// unconditional model.
-    pub fn classes(&self) -> Option<usize> {
-        let n = self.model.num_class_embeds()?;
-        Some(if self.class_dropout > 0.0 { n - 1 } else { n })
+    /// The classes of a class-conditional model: its `num_class_embeds`, the last one the
+    /// "no class" label when `class_dropout` is on (see [`Classes`]). `None` for an
+    /// unconditional model, or one whose `num_class_embeds` cannot hold a "no class" label
+    /// ([`TrainConfig::validate`] names that).
+    pub fn classes(&self) -> Option<Classes> {
+        Classes::new(self.model.num_class_embeds()?, self.class_dropout > 0.0).ok()
+    }
+
+    /// The sampler settings a model trained with this configuration samples with (see
+    /// [`SchedulerConfig::for_training`]).
+    pub fn scheduler(&self) -> SchedulerConfig {
+        SchedulerConfig::for_training(self.schedule, self.objective)
     }
 
     /// A named recipe:
@@ -219,7 +219,7 @@ impl TrainConfig {
             keep_checkpoints: 3,
             sample_every: 500,
             sample_count: 40,
-            sampler: GridSampler::Ddim,
+            sampler: SamplerKind::Ddim,
             sample_steps: 50,
             class_dropout: 0.0,
             guidance_scale: 1.0,
@@ -260,7 +260,7 @@ impl TrainConfig {
                 },
                 checkpoint_every: 250,
                 sample_every: 500,
-                sampler: GridSampler::Ddpm,
+                sampler: SamplerKind::Ddpm,
                 sample_steps: 100,
                 // Conditioned on the digit, with label dropout for classifier-free guidance.
                 // Unconditional, about one sample in eight was malformed (Frechet distance
@@ -345,9 +345,13 @@ impl TrainConfig {
                 "guidance_scale {} needs a class-conditional model (num_class_embeds), this one is unconditional",
                 self.guidance_scale
             ),
-            Some(n) if self.class_dropout > 0.0 && n < 2 => candle_core::bail!(
-                "class_dropout needs a \"no class\" label besides the classes: num_class_embeds is {n}"
-            ),
+            Some(n) if self.class_dropout > 0.0 => {
+                Classes::new(n, true).map_err(|e| {
+                    candle_core::Error::Msg(format!(
+                        "class_dropout needs a \"no class\" label: {e}"
+                    ))
+                })?;
+            }
             Some(_) if self.guidance_scale != 1.0 && self.class_dropout == 0.0 => {
                 candle_core::bail!(
                     "guidance_scale {} needs a model trained with class_dropout (the \"no class\" prediction)",
@@ -356,9 +360,7 @@ impl TrainConfig {
             }
             _ => {}
         }
-        self.schedule
-            .validate()
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        self.schedule.validate()?;
         Ok(())
     }
 

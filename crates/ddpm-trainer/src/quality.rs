@@ -10,7 +10,7 @@ use serde::Serialize;
 
 /// The classifier's weights, trained by `cargo run --release -p ddpm-trainer --example
 /// train_classifier` on images 0..9000 of the embedded digits (1x32x32, padded).
-const WEIGHTS: &[u8] = include_bytes!("../../../assets/classifier/digits-32.safetensors");
+const WEIGHTS: &[u8] = include_bytes!("../data/classifier/digits-32.safetensors");
 
 /// A small CNN for 1x32x32 digits: three stride-2 convolutions, a 64-wide feature layer, ten
 /// logits.
@@ -245,4 +245,42 @@ pub fn evaluate(
         mean_confidence,
         class_agreement,
     })
+}
+
+/// Scores generated digits `[N, 1, H, W]` in `[-1, 1]` on any device with the shipped
+/// classifier ([`DigitClassifier::pretrained`]) against the first `2 N` digits of `real`,
+/// on the CPU (see [`evaluate`]).
+pub fn score_digits(
+    samples: &Tensor,
+    labels: Option<&[u32]>,
+    real: &ImageSet,
+) -> candle_core::Result<QualityReport> {
+    let model = DigitClassifier::pretrained(&Device::Cpu)?;
+    evaluate(
+        &model,
+        &samples.to_device(&Device::Cpu)?,
+        labels,
+        real,
+        &Device::Cpu,
+    )
+}
+
+/// One line: `quality (digit classifier, N samples): Frechet distance ...`.
+impl std::fmt::Display for QualityReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "quality (digit classifier, {} samples): Frechet distance {:.2} (real digits: {:.2}), {} of 10 classes present, mean confidence {:.2}, class counts {:?}",
+            self.samples,
+            self.frechet_distance,
+            self.real_floor,
+            self.classes_present,
+            self.mean_confidence,
+            self.class_counts
+        )?;
+        if let Some(a) = self.class_agreement {
+            write!(f, ", {:.1}% of the class asked for", 100.0 * a)?;
+        }
+        Ok(())
+    }
 }

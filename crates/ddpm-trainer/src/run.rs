@@ -6,12 +6,12 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use ddpm_forward::NoiseSource;
-use ddpm_sampler::{DdimConfig, DdimSampler, DdpmConfig, DdpmSampler, Scheduler, sample};
+use ddpm_sampler::sample;
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 
 use crate::checkpoint::{atomic_write, checkpoint_name, list_checkpoints};
-use crate::{GridSampler, StepMetrics, TrainConfig, Trainer};
+use crate::{StepMetrics, TrainConfig, Trainer};
 use ddpm_unet::Guided;
 
 /// What a finished run wrote, and where.
@@ -88,11 +88,10 @@ struct MetricsLine {
 }
 
 /// The classes [`sample_ema`] draws `count` images of for a class-conditional run: the
-/// classes in turn (`i % classes`), so a grid 10 wide shows each digit in a column. `None` for
-/// an unconditional run.
+/// classes in turn ([`ddpm_unet::Classes::cycle`]), so a grid 10 wide shows each digit in a column. `None`
+/// for an unconditional run.
 pub fn sample_labels(config: &TrainConfig, count: usize) -> Option<Vec<u32>> {
-    let classes = config.classes()?;
-    Some((0..count).map(|i| (i % classes) as u32).collect())
+    Some(config.classes()?.cycle(count))
 }
 
 /// Samples `count` images with the EMA weights, with the run's sampler and `sample_steps`
@@ -101,26 +100,8 @@ pub fn sample_labels(config: &TrainConfig, count: usize) -> Option<Vec<u32>> {
 /// `guidance_scale`.
 pub fn sample_ema(trainer: &Trainer, count: usize) -> candle_core::Result<Tensor> {
     let c = trainer.config();
-    let schedule = trainer.schedule();
-    let steps = c.sample_steps.min(schedule.num_train_timesteps());
-    let sampler: Box<dyn Scheduler> = match c.sampler {
-        GridSampler::Ddpm => Box::new(DdpmSampler::new(
-            schedule,
-            DdpmConfig {
-                num_inference_steps: Some(steps),
-                prediction: c.objective,
-                clip_sample: true,
-                ..DdpmConfig::seed()
-            },
-        )?),
-        GridSampler::Ddim => Box::new(DdimSampler::new(
-            schedule,
-            DdimConfig {
-                prediction: c.objective,
-                ..DdimConfig::new(steps, 0.0)
-            },
-        )?),
-    };
+    let steps = c.sample_steps.min(trainer.schedule().num_train_timesteps());
+    let sampler = c.scheduler().sampler(c.sampler, Some(steps), 0.0)?;
     let unet = trainer.ema_unet()?;
     let set_shape = trainer.data.set();
     let shape = (
@@ -131,12 +112,13 @@ pub fn sample_ema(trainer: &Trainer, count: usize) -> candle_core::Result<Tensor
     );
     let mut rng = NoiseSource::with_stream(c.seed, u64::MAX);
     let init = rng.randn(shape, trainer.device())?;
-    match sample_labels(c, count) {
-        Some(labels) => {
-            let guided = Guided::new(&unet, &labels, c.guidance_scale, trainer.device())?;
+    let _frozen = unet.freeze_weights();
+    match (c.classes(), sample_labels(c, count)) {
+        (Some(classes), Some(labels)) => {
+            let guided = Guided::new(&unet, classes, &labels, c.guidance_scale, trainer.device())?;
             sample(&guided, sampler.as_ref(), init, &mut rng, |_| {})
         }
-        None => sample(&unet, sampler.as_ref(), init, &mut rng, |_| {}),
+        _ => sample(&unet, sampler.as_ref(), init, &mut rng, |_| {}),
     }
 }
 
@@ -217,7 +199,7 @@ pub fn run(
             Ok(m) => m,
             Err(e) => {
                 bar.abandon();
-                return Err(candle_core::Error::Msg(e.to_string()));
+                return Err(e.into());
             }
         };
         let elapsed = start.elapsed().as_secs_f64();
@@ -245,8 +227,7 @@ pub fn run(
         if done || (c.sample_every > 0 && m.step % c.sample_every == 0) {
             samples = paths.samples().join(format!("step-{:08}.png", m.step));
             let x = sample_ema(trainer, c.sample_count)?;
-            ddpm_data::write_grid_png(&x, c.sample_count.min(10), &samples)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            ddpm_data::write_grid_png(&x, c.sample_count.min(10), &samples)?;
         }
         last = Some(m);
     }

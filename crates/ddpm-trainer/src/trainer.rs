@@ -8,7 +8,7 @@ use candle_nn::{VarBuilder, VarMap};
 use ddpm_data::{Batches, DataPosition, ImageSet};
 use ddpm_forward::{ForwardProcess, NoiseSource, NoiseState, Prediction};
 use ddpm_schedule::{Schedule, Table};
-use ddpm_unet::{Mode, Unet, init_seeded, is_buffer};
+use ddpm_unet::{Classes, Mode, Unet, init_seeded, is_buffer, trainable_vars};
 use rayon::prelude::*;
 
 use crate::{AdamWConfig, Loss, TrainConfig};
@@ -43,6 +43,17 @@ pub enum TrainError {
     /// Anything else.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// A training error where candle's is expected: a tensor error as it was, a non-finite loss
+/// kept whole as the source.
+impl From<TrainError> for candle_core::Error {
+    fn from(e: TrainError) -> Self {
+        match e {
+            TrainError::Candle(e) => e,
+            other => candle_core::Error::wrap(other),
+        }
+    }
 }
 
 /// AdamW (PyTorch's single-tensor algorithm) with its moment estimates in the open, so they can
@@ -355,17 +366,17 @@ impl Trainer {
                     config.model.num_class_embeds().unwrap_or_default()
                 );
             };
-            if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
-                let null = if config.class_dropout > 0.0 {
-                    format!(
+            if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes.count()) {
+                let null = match classes.null_label() {
+                    Some(_) => format!(
                         ", the last of the model's {} class embeddings being \"no class\" for class_dropout",
-                        classes + 1
-                    )
-                } else {
-                    String::new()
+                        classes.num_class_embeds()
+                    ),
+                    None => String::new(),
                 };
                 candle_core::bail!(
-                    "the data has class {bad}, the model takes classes 0..{classes}{null}"
+                    "the data has class {bad}, the model takes classes 0..{}{null}",
+                    classes.count()
                 );
             }
         }
@@ -375,10 +386,9 @@ impl Trainer {
             VarBuilder::from_varmap(&varmap, DType::F32, device),
         )?;
         init_seeded(&varmap, config.seed)?;
-        let schedule =
-            Schedule::new(config.schedule).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let schedule = Schedule::new(config.schedule)?;
         let forward = ForwardProcess::new(&schedule, device)?;
-        let params = sorted_params(&varmap);
+        let params = trainable_vars(&varmap);
         let ema = ddpm_unet::varmap_tensors(&varmap)
             .into_iter()
             .map(|(k, t)| Ok((k, t.detach().copy()?)))
@@ -512,8 +522,8 @@ impl Trainer {
         for micro in 0..c.grad_accum {
             let (x0, indices) = self.data.next_batch_with_indices(&self.device)?;
             let batch = self.forward.training_batch(&x0, &mut self.rng)?;
-            let labels = match c.model.num_class_embeds() {
-                Some(n) => Some(self.batch_labels(&indices, n)?),
+            let labels = match c.classes() {
+                Some(classes) => Some(self.batch_labels(&indices, classes)?),
                 None => None,
             };
             let dropout_seed = c.seed ^ (next << 8) ^ micro as u64;
@@ -584,13 +594,9 @@ impl Trainer {
     }
 
     /// The class labels of the images at `indices`, each replaced by the "no class" label
-    /// `num_class_embeds - 1` with probability `class_dropout` (drawn from the run's RNG after
-    /// the batch's timesteps and noise, so a resumed run draws the same).
-    fn batch_labels(
-        &mut self,
-        indices: &[usize],
-        num_class_embeds: usize,
-    ) -> candle_core::Result<Tensor> {
+    /// with probability `class_dropout` (drawn from the run's RNG after the batch's timesteps
+    /// and noise, so a resumed run draws the same).
+    fn batch_labels(&mut self, indices: &[usize], classes: Classes) -> candle_core::Result<Tensor> {
         let all = self
             .data
             .set()
@@ -599,12 +605,9 @@ impl Trainer {
         let p = self.config.class_dropout;
         let labels: Vec<u32> = indices
             .iter()
-            .map(|&i| {
-                if p > 0.0 && self.rng.uniform() < p {
-                    (num_class_embeds - 1) as u32
-                } else {
-                    all[i] as u32
-                }
+            .map(|&i| match classes.null_label() {
+                Some(null) if self.rng.uniform() < p => null,
+                _ => all[i] as u32,
             })
             .collect();
         Tensor::new(labels, &self.device)
@@ -625,19 +628,6 @@ impl Trainer {
         }
         Ok(decay)
     }
-}
-
-pub(crate) fn sorted_params(varmap: &VarMap) -> Vec<(String, Var)> {
-    let mut params: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .expect("not poisoned")
-        .iter()
-        .filter(|(k, _)| !is_buffer(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
-    params
 }
 
 impl Loss {
@@ -679,7 +669,7 @@ mod tests {
         let mut trainer = Trainer::new(config, data, "d", &Device::Cpu).expect("trainer");
         let indices: Vec<usize> = (0..3000).collect();
         let labels: Vec<u32> = trainer
-            .batch_labels(&indices, 11)
+            .batch_labels(&indices, Classes::new(11, true).expect("classes"))
             .expect("labels")
             .to_vec1()
             .expect("u32");

@@ -346,13 +346,14 @@ fn a_run_writes_its_outputs_and_continues_after_resume() {
 #[test]
 fn sample_grids_use_the_configured_sampler() {
     use ddpm_forward::NoiseSource;
+    use ddpm_sampler::SamplerKind;
     use ddpm_sampler::{DdimConfig, DdimSampler, DdpmConfig, DdpmSampler, Scheduler, sample};
-    use ddpm_trainer::{GridSampler, sample_ema};
+    use ddpm_trainer::sample_ema;
 
     let mut config = tiny();
     config.steps = 3;
     config.sample_steps = 4;
-    config.sampler = GridSampler::Ddpm;
+    config.sampler = SamplerKind::Ddpm;
     let mut trainer = Trainer::new(config.clone(), digits(16), "d", &Device::Cpu).unwrap();
     for _ in 0..3 {
         trainer.train_step().unwrap();
@@ -384,7 +385,7 @@ fn sample_grids_use_the_configured_sampler() {
     assert_eq!(back, config);
     json.as_object_mut().unwrap().remove("sampler");
     let old: TrainConfig = serde_json::from_value(json).unwrap();
-    assert_eq!(old.sampler, GridSampler::Ddim);
+    assert_eq!(old.sampler, SamplerKind::Ddim);
 }
 
 #[test]
@@ -514,7 +515,9 @@ fn class_conditional_training_and_grids() {
     let expected = |scale: f64| {
         let mut rng = NoiseSource::with_stream(config.seed, u64::MAX);
         let init = rng.randn((3, 1, 16, 16), &Device::Cpu).unwrap();
-        let guided = ddpm_unet::Guided::new(&unet, &[0, 1, 2], scale, &Device::Cpu).unwrap();
+        let classes = config.classes().unwrap();
+        let guided =
+            ddpm_unet::Guided::new(&unet, classes, &[0, 1, 2], scale, &Device::Cpu).unwrap();
         sample(&guided, &sampler, init, &mut rng, |_| {}).unwrap()
     };
     let bits = |t: &Tensor| bits(&HashMap::from([(String::new(), t.clone())]));

@@ -34,6 +34,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod classes;
 mod layers;
 mod simple;
 mod unet2d;
@@ -46,38 +47,25 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::{Map, Value};
 
-/// Reuse of transformed convolution kernels while the weights stay fixed (sampling); see
-/// [`ddpm_kernels::with_frozen_weights`].
-pub use ddpm_kernels::with_frozen_weights;
+pub use classes::{Classes, Guided};
+/// Reuse of transformed convolution kernels while the weights stay fixed (sampling): see
+/// [`Unet::freeze_weights`].
+pub use ddpm_kernels::{FrozenWeights, with_frozen_weights};
 pub use layers::Mode;
 pub use simple::{SimpleUnet, SimpleUnetConfig};
 pub use unet2d::{DownBlockType, MidBlockType, Unet2d, Unet2dConfig, UpBlockType};
 pub use weights::{
     build_checked, count_parameters, init_seeded, is_buffer, read_safetensors,
-    rename_legacy_attention, varmap_tensors, write_safetensors,
+    rename_legacy_attention, trainable_vars, varmap_tensors, write_safetensors,
 };
 
 /// The diffusers version whose `UNet2DModel` this port was checked against.
-pub const DIFFUSERS_VERSION: &str = "0.42.1";
+pub use ddpm_forward::DIFFUSERS_VERSION;
+/// The model interface of `ddpm-sampler`, implemented by [`Unet`] and [`Guided`].
+pub use ddpm_forward::Denoiser;
 
 /// The file name diffusers gives a model's weights.
 pub const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
-
-/// Anything that predicts from a noisy batch `x_t` `[B, C, H, W]` and its timesteps `t` `[B]`:
-/// a U-Net, or a closure (for tests and custom models).
-pub trait Denoiser {
-    /// The prediction (noise, `x_0` or velocity, as the model was trained), shaped like `x_t`.
-    fn predict(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor>;
-}
-
-impl<F> Denoiser for F
-where
-    F: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
-{
-    fn predict(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
-        self(x_t, t)
-    }
-}
 
 /// Which U-Net, with its hyper-parameters. In JSON, the `_class_name` key tells them apart, as in
 /// a diffusers `config.json`: `UNet2DModel` or `SimpleUnet`.
@@ -329,6 +317,31 @@ impl Unet {
             Self::Unet2d(m) => m.config().num_class_embeds,
         }
     }
+
+    /// Promises that the weights stay as they are while the guard is held (a sampling loop),
+    /// so the convolutions transform their kernels once instead of once per forward pass.
+    /// The results are the same bits either way: a kept transform is used only while its
+    /// kernel's values are unchanged. Hold it on the thread that runs the model:
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// # use ddpm_unet::{Denoiser, Unet, UnetConfig};
+    /// # fn main() -> candle_core::Result<()> {
+    /// # let device = Device::Cpu;
+    /// # let varmap = VarMap::new();
+    /// # let unet = Unet::new(&UnetConfig::preset("seed-tiny")?, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+    /// # let x = Tensor::zeros((1, 1, 16, 16), DType::F32, &device)?;
+    /// let _frozen = unet.freeze_weights();
+    /// for t in [30u32, 20, 10] {
+    ///     let eps = unet.predict(&x, &Tensor::new(&[t], &device)?)?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn freeze_weights(&self) -> FrozenWeights {
+        FrozenWeights::hold()
+    }
 }
 
 impl Denoiser for Unet {
@@ -339,135 +352,10 @@ impl Denoiser for Unet {
     }
 }
 
-/// A class-conditional U-Net as a [`Denoiser`] for one batch of class labels, with
-/// classifier-free guidance (Ho and Salimans 2022):
-/// `prediction = uncond + scale (cond - uncond)`, where `uncond` is the prediction for the
-/// "no class" label.
-///
-/// The convention of this project: a model trained with label dropout (`class_dropout` in the
-/// trainer) keeps its last class embedding, `num_class_embeds - 1`, for "no class", so it has
-/// `num_class_embeds - 1` real classes. A scale of 1 is plain conditional sampling (one forward
-/// pass per step); any other scale runs the conditional and unconditional predictions as one
-/// batch of twice the size. Guidance is linear in the model's output, so it applies the same
-/// way to an eps, `x_0` or v prediction.
-///
-/// ```
-/// use candle_core::{DType, Device, Tensor};
-/// use candle_nn::{VarBuilder, VarMap};
-/// use ddpm_unet::{init_seeded, Denoiser, Guided, Mode, Unet, UnetConfig};
-///
-/// # fn main() -> candle_core::Result<()> {
-/// let device = Device::Cpu;
-/// // The ten digits and "no class".
-/// let config = UnetConfig::preset("mnist-16-classes")?;
-/// let varmap = VarMap::new();
-/// let unet = Unet::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
-/// init_seeded(&varmap, 0)?;
-///
-/// let x = Tensor::zeros((3, 1, 16, 16), DType::F32, &device)?;
-/// let t = Tensor::new(&[500u32], &device)?; // one timestep for the batch
-/// // A 3, a 5 and a 7, guided with scale 1.5: pass it to `ddpm_sampler::sample`.
-/// let guided = Guided::new(&unet, &[3, 5, 7], 1.5, &device)?;
-/// let eps = guided.predict(&x, &t)?;
-///
-/// // The same by hand.
-/// let predict = |labels: &[u32]| {
-///     unet.forward_with_labels(&x, &t, Some(&Tensor::new(labels, &device)?), Mode::Eval)
-/// };
-/// let (cond, uncond) = (predict(&[3, 5, 7])?, predict(&[10, 10, 10])?);
-/// let by_hand = (&uncond + ((cond - &uncond)? * 1.5)?)?;
-/// let diff = (eps - by_hand)?.abs()?.max_all()?.to_scalar::<f32>()?;
-/// assert!(diff < 1e-5, "{diff}");
-///
-/// // Class 10 is "no class", not a digit to draw.
-/// assert!(Guided::new(&unet, &[10], 1.5, &device).is_err());
-/// # Ok(())
-/// # }
-/// ```
-#[derive(Debug, Clone)]
-pub struct Guided<'a> {
-    unet: &'a Unet,
-    labels: Tensor,
-    /// The labels of the doubled batch (`labels`, then "no class" for each) when guided.
-    doubled: Option<Tensor>,
-    scale: f64,
-}
-
-impl<'a> Guided<'a> {
-    /// `labels` are the classes of the batch's images, in order; each must be below
-    /// `num_class_embeds` (and below `num_class_embeds - 1`, the "no class" label, when `scale`
-    /// is not 1).
-    pub fn new(
-        unet: &'a Unet,
-        labels: &[u32],
-        scale: f64,
-        device: &Device,
-    ) -> candle_core::Result<Self> {
-        let Some(n) = unet.num_class_embeds() else {
-            candle_core::bail!("the model is unconditional: it cannot sample given classes");
-        };
-        if !scale.is_finite() {
-            candle_core::bail!("guidance scale must be finite, got {scale}");
-        }
-        let guided = scale != 1.0;
-        let classes = if guided { n - 1 } else { n };
-        if guided && n < 2 {
-            candle_core::bail!(
-                "guidance needs a \"no class\" label besides the classes: the model has only {n} class embedding(s)"
-            );
-        }
-        if let Some(bad) = labels.iter().find(|&&l| l as usize >= classes) {
-            let null = if guided {
-                format!(" (class {} is the \"no class\" label of guidance)", n - 1)
-            } else {
-                String::new()
-            };
-            candle_core::bail!("class {bad} out of range 0..{classes}{null}");
-        }
-        let tensor = Tensor::new(labels, device)?;
-        let doubled = if guided {
-            let null = vec![(n - 1) as u32; labels.len()];
-            Some(Tensor::cat(&[&tensor, &Tensor::new(null, device)?], 0)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            unet,
-            labels: tensor,
-            doubled,
-            scale,
-        })
-    }
-
-    /// The guidance scale.
-    pub fn scale(&self) -> f64 {
-        self.scale
-    }
-}
-
-impl Denoiser for Guided<'_> {
-    fn predict(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
-        let Some(doubled) = &self.doubled else {
-            return self
-                .unet
-                .forward_with_labels(x_t, t, Some(&self.labels), Mode::Eval);
-        };
-        let b = x_t.dim(0)?;
-        let t = unet2d::per_sample(t, b, "timesteps")?;
-        let x2 = Tensor::cat(&[x_t, x_t], 0)?;
-        let t2 = Tensor::cat(&[&t, &t], 0)?;
-        let out = self
-            .unet
-            .forward_with_labels(&x2, &t2, Some(doubled), Mode::Eval)?;
-        let (cond, uncond) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
-        &uncond + ((cond - &uncond)? * self.scale)?
-    }
-}
-
 /// Writes a model folder in diffusers' layout: `config.json` and
 /// `diffusion_pytorch_model.safetensors` (metadata `format: pt`). For a `UNet2DModel`,
-/// `UNet2DModel.from_pretrained(dir)` loads it. The folder is created if needed; the weights go
-/// through a temporary file renamed into place.
+/// `UNet2DModel.from_pretrained(dir)` loads it. The folder is created if needed; each file goes
+/// through a temporary file synced and renamed into place.
 pub fn save_pretrained(
     config: &UnetConfig,
     tensors: &HashMap<String, Tensor>,
@@ -476,7 +364,8 @@ pub fn save_pretrained(
     std::fs::create_dir_all(dir).map_err(|e| msg(format!("creating {}: {e}", dir.display())))?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     write_safetensors(tensors, Some(metadata), &dir.join(DIFFUSERS_WEIGHTS))?;
-    let config_path = dir.join("config.json");
-    std::fs::write(&config_path, config.to_json() + "\n")
-        .map_err(|e| msg(format!("writing {}: {e}", config_path.display())))
+    weights::write_atomically(
+        &dir.join("config.json"),
+        (config.to_json() + "\n").as_bytes(),
+    )
 }

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
@@ -141,6 +141,21 @@ pub fn varmap_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
         .collect()
 }
 
+/// The trainable variables of `varmap` (not the [`is_buffer`] statistics), sorted by name:
+/// what an optimizer steps, in an order that does not depend on the map's hashing.
+pub fn trainable_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let mut params: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .filter(|(k, _)| !is_buffer(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    params
+}
+
 /// True for tensors that are state but not trainable parameters (BatchNorm running statistics).
 pub fn is_buffer(name: &str) -> bool {
     name.ends_with("running_mean")
@@ -230,16 +245,15 @@ pub fn write_safetensors(
     let bytes =
         safetensors::tensor::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), metadata)
             .map_err(|e| candle_core::Error::Msg(format!("serializing {}: {e}", path.display())))?;
-    let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        candle_core::Error::Msg(format!("writing {}: {e}", tmp.display()))
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        candle_core::Error::Msg(format!(
-            "renaming {} to {}: {e}",
-            tmp.display(),
-            path.display()
-        ))
-    })
+    write_atomically(path, &bytes)
+}
+
+/// Replaces `path` with `bytes` durably: a temporary file beside it, synced, renamed into place,
+/// the folder synced (the `atomic-write-file` crate). A failure leaves `path` as it was.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> candle_core::Result<()> {
+    let err =
+        |e: std::io::Error| candle_core::Error::Msg(format!("writing {}: {e}", path.display()));
+    let mut file = atomic_write_file::AtomicWriteFile::open(path).map_err(err)?;
+    std::io::Write::write_all(&mut file, bytes).map_err(err)?;
+    file.commit().map_err(err)
 }

@@ -312,10 +312,15 @@ fn save_pretrained_round_trips_exactly() {
         let a = flat(&unet.forward_t(&x, &t, Mode::Eval).unwrap());
         let b = flat(&loaded.forward_t(&x, &t, Mode::Eval).unwrap());
         assert_eq!(a, b, "{config:?}");
-        assert!(
-            !path
-                .join("diffusion_pytorch_model.safetensors.tmp")
-                .exists()
+        // No temporary file is left beside them.
+        let mut names: Vec<String> = std::fs::read_dir(&path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["config.json", "diffusion_pytorch_model.safetensors"]
         );
         // The weights take a new file's usual permissions, like the config beside them (not
         // the 0600 of a private temporary file), so others can read an exported model.

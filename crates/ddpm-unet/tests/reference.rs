@@ -16,7 +16,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use ddpm_testutil::{assert_close, max_abs_diff, reference_path};
 use ddpm_unet::{
-    Denoiser, Guided, Mode, SimpleUnetConfig, Unet, Unet2dConfig, UnetConfig, count_parameters,
+    Classes, Denoiser, Guided, Mode, SimpleUnetConfig, Unet, Unet2dConfig, UnetConfig,
+    count_parameters,
 };
 
 const ATOL: f32 = 1e-4;
@@ -86,7 +87,14 @@ fn class_conditional_unet_matches_diffusers() {
     // Classifier-free guidance, class 4 as "no class", scale 2.5. The difference is scaled
     // by 2.5, hence the wider tolerance.
     let host: Vec<u32> = labels.to_dtype(DType::U32).unwrap().to_vec1().unwrap();
-    let guided = Guided::new(&unet, &host, 2.5, &Device::Cpu).unwrap();
+    let guided = Guided::new(
+        &unet,
+        Classes::new(5, true).unwrap(),
+        &host,
+        2.5,
+        &Device::Cpu,
+    )
+    .unwrap();
     let out = guided.predict(&io["sample"], &io["timesteps"]).unwrap();
     assert_close(
         "class_tiny guided",
@@ -97,7 +105,14 @@ fn class_conditional_unet_matches_diffusers() {
     );
 
     // Scale 1 is the conditional prediction alone.
-    let plain = Guided::new(&unet, &host, 1.0, &Device::Cpu).unwrap();
+    let plain = Guided::new(
+        &unet,
+        Classes::new(5, false).unwrap(),
+        &host,
+        1.0,
+        &Device::Cpu,
+    )
+    .unwrap();
     let out = plain.predict(&io["sample"], &io["timesteps"]).unwrap();
     assert_close(
         "class_tiny scale 1",
@@ -135,19 +150,77 @@ fn class_labels_are_checked() {
     assert!(err(unet.forward_with_labels(x, t, Some(&floats), Mode::Eval)).contains("integers"));
     let three = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
     assert!(err(unet.forward_with_labels(x, t, Some(&three), Mode::Eval)).contains("[4]"));
-    let e = Guided::new(&unet, &[0, 4], 2.0, &Device::Cpu).unwrap_err();
+    let e = Guided::new(
+        &unet,
+        Classes::new(5, true).unwrap(),
+        &[0, 4],
+        2.0,
+        &Device::Cpu,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("class 4 out of range 0..4"), "{e}");
     assert!(e.to_string().contains("\"no class\""), "{e}");
-    let e = Guided::new(&unet, &[5], 1.0, &Device::Cpu).unwrap_err();
+    let e = Guided::new(
+        &unet,
+        Classes::new(5, false).unwrap(),
+        &[5],
+        1.0,
+        &Device::Cpu,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("class 5 out of range 0..5"), "{e}");
-    assert!(Guided::new(&plain, &[0], 1.0, &Device::Cpu).is_err());
-    let e = Guided::new(&unet, &[0], f64::NAN, &Device::Cpu).unwrap_err();
+    assert!(
+        Guided::new(
+            &plain,
+            Classes::new(5, false).unwrap(),
+            &[0],
+            1.0,
+            &Device::Cpu
+        )
+        .is_err()
+    );
+    let e = Guided::new(
+        &unet,
+        Classes::new(5, false).unwrap(),
+        &[0],
+        2.0,
+        &Device::Cpu,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("needs a \"no class\" label"), "{e}");
+    let e = Guided::new(
+        &unet,
+        Classes::new(6, true).unwrap(),
+        &[0],
+        2.0,
+        &Device::Cpu,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("the model has 5 class embeddings"),
+        "{e}"
+    );
+    let e = Guided::new(
+        &unet,
+        Classes::new(5, true).unwrap(),
+        &[0],
+        f64::NAN,
+        &Device::Cpu,
+    )
+    .unwrap_err();
     assert!(
         e.to_string().contains("guidance scale must be finite"),
         "{e}"
     );
     // A wrongly sized timestep tensor is named before the batch is doubled.
-    let guided = Guided::new(&unet, &[0, 1, 2, 3], 2.0, &Device::Cpu).unwrap();
+    let guided = Guided::new(
+        &unet,
+        Classes::new(5, true).unwrap(),
+        &[0, 1, 2, 3],
+        2.0,
+        &Device::Cpu,
+    )
+    .unwrap();
     let two = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
     let e = guided.predict(x, &two).unwrap_err().to_string();
     assert!(e.contains("timesteps must be [4] or a single value"), "{e}");

@@ -1,0 +1,358 @@
+//! A diffusion model with everything needed to sample from it, opened from wherever it lives.
+//!
+//! - [`Pipeline::open`] takes a training run folder (its newest checkpoint), a checkpoint
+//!   file, or a diffusers model folder (`config.json`, `diffusion_pytorch_model.safetensors`,
+//!   optionally `scheduler_config.json` and the `train_config.json` that [`export`] writes),
+//!   and gives the U-Net with the scheduler settings, classes and guidance scale it was
+//!   trained with.
+//! - [`Pipeline::sampler`] builds the sampler you ask for over the model's own schedule;
+//!   [`Pipeline::conditioning`] resolves the classes to draw and the guidance scale (the one
+//!   "no class" rule, [`Classes`]); [`Pipeline::sample`] runs the loop with the weights frozen.
+//! - [`export`] writes a run's weights as a diffusers folder or one safetensors file.
+//!
+//! ```
+//! use candle_core::{DType, Device};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use ddpm_forward::NoiseSource;
+//! use ddpm_pipeline::{ExportFormat, Pipeline, Weights, export};
+//! use ddpm_sampler::SamplerKind;
+//! use ddpm_trainer::TrainConfig;
+//! use ddpm_unet::{Unet, init_seeded, varmap_tensors};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! // A freshly initialised model of the `tiny` recipe, exported as a diffusers folder.
+//! let config = TrainConfig::preset("tiny")?;
+//! let varmap = VarMap::new();
+//! Unet::new(&config.model, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+//! init_seeded(&varmap, 0)?;
+//! let dir = tempfile::tempdir()?;
+//! export(&config, &varmap_tensors(&varmap), ExportFormat::Diffusers, dir.path())?;
+//!
+//! // Opened again: the model, its schedule and objective, ready to sample.
+//! let pipeline = Pipeline::open(dir.path(), Weights::Ema, &Device::Cpu)?;
+//! let sampler = pipeline.sampler(SamplerKind::Ddim, Some(5), 0.0)?;
+//! let mut rng = NoiseSource::new(0);
+//! let init = rng.randn((2, 1, 16, 16), &Device::Cpu)?;
+//! let images = pipeline.sample(sampler.as_ref(), None, init, &mut rng, |_| {})?;
+//! assert_eq!(images.dims(), &[2, 1, 16, 16]);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use ddpm_forward::NoiseSource;
+use ddpm_sampler::{Progress, SamplerKind, Scheduler, SchedulerConfig};
+use ddpm_trainer::{Checkpoint, RunPaths, TrainConfig, atomic_write};
+use ddpm_unet::{Classes, Guided, Unet, UnetConfig};
+
+/// The training configuration [`export`] writes beside a diffusers folder's own files: what
+/// `config.json` cannot say (whether the last class embedding is "no class", the guidance
+/// scale to sample with) and how the model was trained.
+pub const TRAIN_CONFIG: &str = "train_config.json";
+
+/// Which weights of a checkpoint to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// The exponential moving average (what a run samples with).
+    Ema,
+    /// The raw weights of the last optimizer step.
+    Raw,
+}
+
+impl Weights {
+    fn name(self) -> &'static str {
+        match self {
+            Weights::Ema => "EMA",
+            Weights::Raw => "raw",
+        }
+    }
+}
+
+/// A model ready to sample, with the schedule, classes and guidance scale it was trained with.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The model's configuration.
+    pub config: UnetConfig,
+    /// The model.
+    pub unet: Unet,
+    /// The sampler settings it was trained for (its schedule and prediction type).
+    pub scheduler: SchedulerConfig,
+    /// What was loaded, for messages: the path, and for a checkpoint its step and weights.
+    pub source: String,
+    /// The classes as its training configuration says, where one came with it.
+    trained_classes: Option<Classes>,
+    /// The guidance scale it samples with unless told (the run's own; 1 for a plain
+    /// diffusers folder).
+    pub guidance: f64,
+}
+
+/// The classes a class-conditional model draws, one per image, and the guidance scale: what
+/// [`Pipeline::conditioning`] resolves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conditioning {
+    /// The model's classes.
+    pub classes: Classes,
+    /// The class of each image, in order.
+    pub labels: Vec<u32>,
+    /// The classifier-free guidance scale.
+    pub guidance: f64,
+}
+
+/// The newest checkpoint of a run folder, or an error naming the folder.
+pub fn latest_checkpoint(run: &Path) -> candle_core::Result<PathBuf> {
+    RunPaths::new(run)
+        .latest_checkpoint()
+        .map_err(|e| {
+            msg(format!(
+                "reading {}: {e}",
+                run.join("checkpoints").display()
+            ))
+        })?
+        .ok_or_else(|| msg(format!("{} has no checkpoints", run.display())))
+}
+
+impl Pipeline {
+    /// Opens what `path` names: a run folder (with `checkpoints/`: its newest checkpoint), a
+    /// checkpoint file, or a diffusers model folder (`config.json` and
+    /// `diffusion_pytorch_model.safetensors`; `scheduler_config.json` if present, else
+    /// diffusers' `DDPMScheduler` defaults; and [`TRAIN_CONFIG`] if present). Checkpoints give
+    /// the `weights` asked for; a model folder has only one set.
+    pub fn open(path: &Path, weights: Weights, device: &Device) -> candle_core::Result<Self> {
+        if !path.exists() {
+            candle_core::bail!("{} does not exist", path.display());
+        }
+        let checkpoint = if path.is_dir() && path.join("checkpoints").is_dir() {
+            Some(latest_checkpoint(path)?)
+        } else if path.is_file() {
+            Some(path.to_path_buf())
+        } else {
+            None
+        };
+        match checkpoint {
+            Some(ck_path) => Self::from_checkpoint(&ck_path, weights, device),
+            None => Self::from_folder(path, device),
+        }
+    }
+
+    fn from_checkpoint(
+        path: &Path,
+        weights: Weights,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let ck = Checkpoint::read(path, device)?;
+        let tensors = match weights {
+            Weights::Ema => ck.ema,
+            Weights::Raw => ck.model,
+        };
+        let unet = Unet::from_tensors(&ck.config.model, tensors, device)
+            .map_err(|e| msg(format!("loading {}: {e}", path.display())))?;
+        Ok(Self {
+            scheduler: ck.config.scheduler(),
+            trained_classes: ck.config.classes(),
+            guidance: ck.config.guidance_scale,
+            config: ck.config.model,
+            unet,
+            source: format!(
+                "{} (step {}, {} weights)",
+                path.display(),
+                ck.step,
+                weights.name()
+            ),
+        })
+    }
+
+    fn from_folder(path: &Path, device: &Device) -> candle_core::Result<Self> {
+        if !path.join("config.json").is_file() {
+            candle_core::bail!(
+                "{} is neither a run folder (with checkpoints/), a checkpoint file, nor a model folder (with config.json)",
+                path.display()
+            );
+        }
+        let (config, unet) = Unet::from_pretrained(path, device)?;
+        let train_path = path.join(TRAIN_CONFIG);
+        let (trained_classes, guidance) = if train_path.is_file() {
+            let train: TrainConfig = serde_json::from_str(&read(&train_path)?)
+                .map_err(|e| msg(format!("{}: {e}", train_path.display())))?;
+            if train.model != config {
+                candle_core::bail!(
+                    "{} describes another model than {}",
+                    train_path.display(),
+                    path.join("config.json").display()
+                );
+            }
+            (train.classes(), train.guidance_scale)
+        } else {
+            (None, 1.0)
+        };
+        let scheduler_path = path.join("scheduler_config.json");
+        let scheduler = if scheduler_path.is_file() {
+            SchedulerConfig::from_json(&read(&scheduler_path)?)
+                .map_err(|e| msg(format!("{}: {e}", scheduler_path.display())))?
+        } else {
+            SchedulerConfig::from_json("{}")?
+        };
+        Ok(Self {
+            config,
+            unet,
+            scheduler,
+            source: path.display().to_string(),
+            trained_classes,
+            guidance,
+        })
+    }
+
+    /// The sampler `kind` over the model's schedule with its settings: `steps` spaced steps
+    /// (`None`: every training step for DDPM, 50 for DDIM) and DDIM's `eta`.
+    pub fn sampler(
+        &self,
+        kind: SamplerKind,
+        steps: Option<usize>,
+        eta: f64,
+    ) -> candle_core::Result<Box<dyn Scheduler>> {
+        self.scheduler.sampler(kind, steps, eta)
+    }
+
+    /// The classes of a class-conditional model sampled with guidance scale `guidance`: as
+    /// its training configuration says, else (a plain diffusers folder)
+    /// [`Classes::assumed`]. `None` for an unconditional model.
+    pub fn classes(&self, guidance: f64) -> candle_core::Result<Option<Classes>> {
+        let Some(n) = self.unet.num_class_embeds() else {
+            return Ok(None);
+        };
+        match self.trained_classes {
+            Some(c) => Ok(Some(c)),
+            None => Classes::assumed(n, guidance).map(Some),
+        }
+    }
+
+    /// The conditioning of `count` images: the classes `wanted` in turn (every class in turn
+    /// when empty), with `guidance` (the model's own scale when `None`). `None` for an
+    /// unconditional model, where asking for classes or guidance is an error.
+    pub fn conditioning(
+        &self,
+        wanted: &[u32],
+        guidance: Option<f64>,
+        count: usize,
+    ) -> candle_core::Result<Option<Conditioning>> {
+        let scale = guidance.unwrap_or(self.guidance);
+        let Some(classes) = self.classes(scale)? else {
+            if !wanted.is_empty() || guidance.is_some() {
+                candle_core::bail!(
+                    "classes and guidance need a class-conditional model (num_class_embeds); {} is unconditional",
+                    self.source
+                );
+            }
+            return Ok(None);
+        };
+        for &c in wanted {
+            classes.check(c)?;
+        }
+        let labels = if wanted.is_empty() {
+            classes.cycle(count)
+        } else {
+            (0..count).map(|i| wanted[i % wanted.len()]).collect()
+        };
+        Ok(Some(Conditioning {
+            classes,
+            labels,
+            guidance: scale,
+        }))
+    }
+
+    /// Runs `scheduler` from `init` with the weights frozen (see `Unet::freeze_weights`),
+    /// conditioned as given (a class-conditional model needs it), calling `on_step` after each
+    /// step. Returns the final sample, not clamped.
+    pub fn sample(
+        &self,
+        scheduler: &dyn Scheduler,
+        conditioning: Option<&Conditioning>,
+        init: Tensor,
+        rng: &mut NoiseSource,
+        on_step: impl FnMut(&Progress<'_>),
+    ) -> candle_core::Result<Tensor> {
+        let _frozen = self.unet.freeze_weights();
+        match conditioning {
+            Some(c) => {
+                let device = init.device().clone();
+                let guided = Guided::new(&self.unet, c.classes, &c.labels, c.guidance, &device)?;
+                ddpm_sampler::sample(&guided, scheduler, init, rng, on_step)
+            }
+            None => ddpm_sampler::sample(&self.unet, scheduler, init, rng, on_step),
+        }
+    }
+
+    /// The image size to sample at: `asked`, else the model's `sample_size`, else 32; an error
+    /// unless a positive multiple of the model's downsampling factor.
+    pub fn image_size(&self, asked: Option<usize>) -> candle_core::Result<usize> {
+        let size = asked.or(self.config.sample_size()).unwrap_or(32);
+        let f = self.config.downsampling_factor();
+        if size == 0 || size % f != 0 {
+            candle_core::bail!(
+                "image size {size} must be a positive multiple of {f} for this model"
+            );
+        }
+        Ok(size)
+    }
+}
+
+/// What [`export`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// A diffusers folder: `config.json`, `diffusion_pytorch_model.safetensors`,
+    /// `scheduler_config.json` and [`TRAIN_CONFIG`].
+    Diffusers,
+    /// One safetensors file of weights with PyTorch's names, the model's `config.json` in its
+    /// metadata.
+    Safetensors,
+}
+
+/// Writes the weights `tensors` of a model trained with `config` to `out` in `format`.
+/// Every file goes through a temporary file renamed into place.
+pub fn export(
+    config: &TrainConfig,
+    tensors: &HashMap<String, Tensor>,
+    format: ExportFormat,
+    out: &Path,
+) -> candle_core::Result<()> {
+    match format {
+        ExportFormat::Diffusers => {
+            ddpm_unet::save_pretrained(&config.model, tensors, out)?;
+            write_text(
+                &out.join("scheduler_config.json"),
+                &config.scheduler().to_json()?,
+            )?;
+            let json = serde_json::to_string_pretty(config).expect("configs serialize");
+            write_text(&out.join(TRAIN_CONFIG), &json)?;
+        }
+        ExportFormat::Safetensors => {
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| msg(format!("creating {}: {e}", dir.display())))?;
+            }
+            let metadata = HashMap::from([
+                ("format".to_string(), "pt".to_string()),
+                ("config".to_string(), config.model.to_json()),
+            ]);
+            ddpm_unet::write_safetensors(tensors, Some(metadata), out)?;
+        }
+    }
+    Ok(())
+}
+
+fn write_text(path: &Path, text: &str) -> candle_core::Result<()> {
+    atomic_write(path, |f| f.write_all(text.as_bytes()))
+        .map_err(|e| msg(format!("writing {}: {e}", path.display())))
+}
+
+fn read(path: &Path) -> candle_core::Result<String> {
+    std::fs::read_to_string(path).map_err(|e| msg(format!("reading {}: {e}", path.display())))
+}
+
+fn msg(s: String) -> candle_core::Error {
+    candle_core::Error::Msg(s)
+}

@@ -1,0 +1,11 @@
+//! A port of diffusers' `UNet2DModel` (unconditional, or class-conditional through a learned
+//! class embedding), read from its `config.json`, split as diffusers splits it: the
+//! configuration, the blocks, and the model.
+
+mod blocks;
+mod config;
+mod model;
+
+pub(crate) use blocks::per_sample;
+pub use config::{DownBlockType, MidBlockType, Unet2dConfig, UpBlockType};
+pub use model::Unet2d;
