@@ -7,93 +7,14 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+use std::process::Command;
 
 use candle_core::{Device, Tensor};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ddpm(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddpm"))
-        .args(args)
-        .current_dir(dir)
-        .env("HF_HOME", dir.join("hf-home"))
-        .env("HF_HUB_OFFLINE", "1")
-        // Backtraces are opt-in; the one-line error is what users see.
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .output()
-        .expect("the ddpm binary runs")
-}
-
-#[track_caller]
-fn ok(out: &Output) -> String {
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success(),
-        "ddpm failed\nstdout: {stdout}\nstderr: {stderr}"
-    );
-    stdout.into_owned()
-}
-
-/// The command failed with a one-line error containing `needle`.
-#[track_caller]
-fn fails(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure, stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line of error, got {stderr:?}");
-    assert!(
-        lines[0].starts_with("error: ") && lines[0].contains(needle),
-        "error {:?} should contain {needle:?}",
-        lines[0]
-    );
-}
-
-/// Every file under `dir` with its bytes, to show nothing changed.
-fn snapshot(dir: &Path) -> HashMap<PathBuf, Vec<u8>> {
-    let mut out = HashMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(p.clone(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
-}
-
-fn load(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
-
-const TINY: &[&str] = &[
-    "--recipe",
-    "tiny",
-    "--limit",
-    "64",
-    "--image-size",
-    "16",
-    "--no-progress",
-];
+#[path = "support/cli.rs"]
+mod cli;
+use cli::*;
 
 #[test]
 fn train_resume_export_sample_inspect() {

@@ -10,6 +10,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+#[path = "../../tests/support/crash.rs"]
+mod crash;
 mod deps;
 #[path = "../../bins/stats.rs"]
 mod stats;
@@ -60,6 +62,22 @@ enum Cmd {
     /// Check ARCHITECTURE.md's dependency tree against `cargo metadata`, printing the
     /// workspace's own dependencies of each package.
     Deps,
+    /// Kill a real `ddpm train` (release) with SIGKILL at seeded random moments, resume it each
+    /// time, and check its final weights are bitwise those of an uninterrupted run.
+    CrashTest {
+        /// How many kills.
+        #[arg(long, default_value_t = 100)]
+        kills: usize,
+        /// Steps of the run (enough that it does not finish before the last kill).
+        #[arg(long, default_value_t = 5000)]
+        steps: u64,
+        /// The seed of the kill moments.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The longest wait before a kill, in milliseconds.
+        #[arg(long, default_value_t = 600)]
+        max_delay_ms: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -118,6 +136,12 @@ fn run(args: Args) -> Result<()> {
         }
         Cmd::Bench(b) => bench(&b),
         Cmd::Deps => deps::check(),
+        Cmd::CrashTest {
+            kills,
+            steps,
+            seed,
+            max_delay_ms,
+        } => crash_test(kills, steps, seed, max_delay_ms),
         Cmd::Dataset {
             command: DatasetCmd::Download { name, split },
         } => ddpm(
@@ -301,6 +325,62 @@ fn bench(a: &BenchArgs) -> Result<()> {
 }
 
 /// `ddpm SUBCOMMAND ARGS...`, built in release (training and sampling want it).
+fn crash_test(kills: usize, steps: u64, seed: u64, max_delay_ms: u64) -> Result<()> {
+    cargo(&["build", "--release", "-p", "ddpm-cli", "--bin", "ddpm"])?;
+    let exe = project_root().join("target/release/ddpm");
+    let dir = project_root().join("target/crash-test");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let start = std::time::Instant::now();
+    let (crashed, clean, report) = crash::crash_and_resume(
+        &exe,
+        &dir,
+        steps,
+        kills,
+        seed,
+        std::time::Duration::from_millis(max_delay_ms),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let (a, b) = (
+        crash::tensor_bytes(&crashed).map_err(anyhow::Error::msg)?,
+        crash::tensor_bytes(&clean).map_err(anyhow::Error::msg)?,
+    );
+    let differing: Vec<&str> = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| x != y)
+        .map(|(x, _)| x.0.as_str())
+        .collect();
+    println!(
+        "{} kills ({} during a checkpoint write), {} starts, {} steps, {:.0} s",
+        report.kills,
+        report.kills_mid_write,
+        report.starts,
+        steps,
+        start.elapsed().as_secs_f64()
+    );
+    if a.len() != b.len() || !differing.is_empty() {
+        bail!(
+            "the resumed run differs from the uninterrupted one in {} tensor(s), e.g. {:?}",
+            differing.len(),
+            differing.first()
+        );
+    }
+    if report.kills < kills {
+        bail!(
+            "the run finished after {} of {kills} kills: give more --steps",
+            report.kills
+        );
+    }
+    println!(
+        "final weights, EMA and optimizer moments bitwise equal to the uninterrupted run's ({} tensors)",
+        a.len()
+    );
+    Ok(())
+}
+
 fn ddpm(subcommand: &str, args: Vec<OsString>) -> Result<()> {
     let mut all: Vec<OsString> = [
         "run",

@@ -37,12 +37,22 @@ pub struct ExportArgs {
 }
 
 pub fn run(a: ExportArgs) -> Result<()> {
-    let ck_path = if a.run.is_dir() {
-        ddpm_pipeline::latest_checkpoint(&a.run)?
+    if let Some(out) = &a.out {
+        match a.format {
+            FormatArg::Diffusers if out.is_file() => {
+                bail!("--out {} is a file, not a folder", out.display())
+            }
+            FormatArg::Diffusers => crate::sample::check_folder(out)?,
+            FormatArg::Safetensors => crate::sample::check_output(out)?,
+        }
+    }
+    let (ck_path, ck) = if a.run.is_dir() {
+        let (path, ck, warnings) = ddpm_pipeline::latest_checkpoint(&a.run)?;
+        warnings.iter().for_each(crate::warn);
+        (path, ck)
     } else {
-        a.run.clone()
+        (a.run.clone(), Checkpoint::read(&a.run, &Device::Cpu)?)
     };
-    let ck = Checkpoint::read(&ck_path, &Device::Cpu)?;
     let base = if a.run.is_dir() {
         a.run.clone()
     } else {

@@ -91,7 +91,7 @@ pub fn run(a: GoldenArgs) -> Result<()> {
     if a.bless {
         for (name, img) in &rendered {
             let path = a.dir.join(name);
-            ddpm_data::write_png(img, &path)?;
+            ddpm_data::write_image(img, &path)?;
             println!("blessed {}", path.display());
         }
         return Ok(());
@@ -111,7 +111,7 @@ pub fn run(a: GoldenArgs) -> Result<()> {
                 std::fs::create_dir_all(&a.actual)
                     .with_context(|| format!("creating {}", a.actual.display()))?;
                 let actual = a.actual.join(name);
-                ddpm_data::write_png(img, &actual)?;
+                ddpm_data::write_image(img, &actual)?;
                 let why = match outcome {
                     Some((worst, over)) => format!(
                         "{over} channel values differ by more than {} (max {worst})",

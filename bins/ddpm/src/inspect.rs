@@ -82,10 +82,10 @@ fn report(a: &InspectArgs) -> Result<()> {
         for (step, path) in &cks {
             outln!("  checkpoint step {step}: {}", path.display());
         }
-        if let Ok(m) = std::fs::read_to_string(paths.metrics()) {
-            if let Some(last) = m.lines().last() {
-                outln!("last metrics: {last}");
-            }
+        if let Ok(m) = std::fs::read_to_string(paths.metrics())
+            && let Some(last) = m.lines().last()
+        {
+            outln!("last metrics: {last}");
         }
         return match cks.last() {
             Some((_, latest)) => checkpoint(latest, a.all),

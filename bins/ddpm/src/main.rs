@@ -8,6 +8,7 @@ mod export;
 mod golden;
 mod hub;
 mod inspect;
+mod report;
 mod sample;
 mod show;
 mod train;
@@ -17,7 +18,7 @@ use anyhow::{Result, bail};
 #[path = "../../alloc.rs"]
 mod alloc;
 use candle_core::Device;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -73,10 +74,10 @@ fn device(arg: DeviceArg) -> Result<Device> {
     })
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, given: Vec<String>) -> Result<()> {
     let dev = || device(cli.device);
     match cli.command {
-        Command::Train(a) => train::run(*a, &dev()?),
+        Command::Train(a) => train::run(*a, &given, &dev()?),
         Command::Sample(a) => sample::run(a, &dev()?),
         Command::Export(a) => export::run(a),
         Command::ShowForward(a) => show::forward(a),
@@ -96,10 +97,36 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+    let command = Cli::command();
+    let matches = command.clone().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The subcommand's options given on the command line (not defaulted; not argument groups).
+    let given = matches
+        .subcommand()
+        .and_then(|(name, sub)| {
+            let args = command.find_subcommand(name)?;
+            Some(
+                args.get_arguments()
+                    .map(|a| a.get_id().as_str())
+                    .filter(|id| {
+                        sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+                    })
+                    .map(String::from)
+                    .collect(),
+            )
+        })
+        .unwrap_or_default();
+    if let Err(e) = run(cli, given) {
+        tracing::debug!("error chain: {e:?}");
+        eprintln!("error: {}", report::one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// Prints a warning: one line, `warning: ...`.
+fn warn(text: impl std::fmt::Display) {
+    let text = text.to_string();
+    eprintln!("warning: {}", text.lines().collect::<Vec<_>>().join("; "));
 }
 
 /// Fails if `n` is zero, naming the option.

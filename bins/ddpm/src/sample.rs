@@ -63,7 +63,7 @@ pub struct SampleArgs {
     /// Start from this noise instead: a safetensors file with a tensor `noise`, NCHW f32.
     #[arg(long)]
     pub init_noise: Option<PathBuf>,
-    /// Write a grid PNG here.
+    /// Write a grid picture here (PNG or JPEG, by the extension).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Write one PNG per image into this folder.
@@ -82,14 +82,57 @@ pub struct SampleArgs {
     pub quality: bool,
 }
 
+/// Checks that `path` names a picture format ([`ddpm_data::image_format`]) and can be
+/// written ([`check_output`]), before any work.
+pub fn prepare_picture(path: &Path) -> Result<()> {
+    ddpm_data::image_format(path)?;
+    check_output(path)
+}
+
+/// Checks, before any work and without changing anything, that a file can be written at
+/// `path`: it is not a folder, and the nearest folder above it that exists is a folder this
+/// process can write in (a file is created there and removed at once). Folders it needs are
+/// created only when it is written ([`create_parent`]).
+pub fn check_output(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!("{} is a folder, not a file", path.display());
+    }
+    check_folder(path.parent().unwrap_or(Path::new("")))
+}
+
+/// [`check_output`] for a folder that files will be written into.
+pub fn check_folder(dir: &Path) -> Result<()> {
+    let mut existing = dir;
+    while !existing.as_os_str().is_empty() && !existing.exists() {
+        existing = existing.parent().unwrap_or(Path::new(""));
+    }
+    let probe_dir = if existing.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        existing
+    };
+    if !probe_dir.is_dir() {
+        bail!(
+            "cannot write into {}: {} is not a folder",
+            dir.display(),
+            probe_dir.display()
+        );
+    }
+    let probe = probe_dir.join(format!(".ddpm-write-test-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .with_context(|| format!("cannot write into {}", probe_dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// Creates the folder a file will go into, naming it on failure.
-pub fn prepare_parent(path: &Path) -> Result<()> {
+pub fn create_parent(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create output folder {}", dir.display()))?;
-    }
-    if path.is_dir() {
-        bail!("{} is a folder, not a file", path.display());
     }
     Ok(())
 }
@@ -98,7 +141,9 @@ impl SamplingArgs {
     /// The model the options name.
     pub fn open(&self, device: &Device) -> Result<Pipeline> {
         let weights = if self.raw { Weights::Raw } else { Weights::Ema };
-        Ok(Pipeline::open(&self.model, weights, device)?)
+        let pipeline = Pipeline::open(&self.model, weights, device)?;
+        pipeline.warnings.iter().for_each(crate::warn);
+        Ok(pipeline)
     }
 
     /// The sampler the options ask for, over the schedule the model was trained with.
@@ -179,12 +224,17 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
         );
     }
     crate::positive("--cols", a.cols)?;
-    for p in [&a.out, &a.out_tensor].into_iter().flatten() {
-        prepare_parent(p)?;
+    if let Some(p) = &a.out {
+        prepare_picture(p)?;
+    }
+    if let Some(p) = &a.out_tensor {
+        check_output(p)?;
     }
     if let Some(d) = &a.out_dir {
-        std::fs::create_dir_all(d)
-            .with_context(|| format!("cannot create output folder {}", d.display()))?;
+        if d.is_file() {
+            bail!("--out-dir {} is a file, not a folder", d.display());
+        }
+        check_folder(d)?;
     }
     let pipeline = a.sampling.open(device)?;
     tracing::info!("sampling from {}", pipeline.source);
@@ -205,16 +255,34 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
                 .with_context(|| format!("{} has no tensor named noise", path.display()))?;
             let dims = noise.dims();
             let f = pipeline.config.downsampling_factor();
-            if dims.len() != 4 || dims[1] != channels || dims[2] % f != 0 || dims[3] % f != 0 {
+            if dims.len() != 4 || dims[1] != channels {
                 bail!(
                     "{}: noise has shape {dims:?}, the model needs [N, {channels}, H, W] with H, W multiples of {f}",
                     path.display()
                 );
             }
+            pipeline
+                .config
+                .check_input(dims[0], dims[2], dims[3])
+                .with_context(|| format!("{}: noise of shape {dims:?}", path.display()))?;
+            if !noise.dtype().is_float() {
+                bail!(
+                    "{}: noise has dtype {:?}, not a float",
+                    path.display(),
+                    noise.dtype()
+                );
+            }
+            if ddpm_unet::non_finite_count(noise)? > 0 {
+                bail!("{}: noise holds NaN or infinite values", path.display());
+            }
             noise.to_dtype(DType::F32)?
         }
         None => {
             let size = a.sampling.image_size(&pipeline)?;
+            pipeline
+                .config
+                .check_input(a.num, size, size)
+                .context("--num and --size")?;
             rng.randn((a.num, channels, size, size), device)?
         }
     };
@@ -223,17 +291,21 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
         .run(&pipeline, scheduler.as_ref(), init, &mut rng, |_| {})?
         .clamp(-1f32, 1f32)?;
     if let Some(p) = &a.out {
-        ddpm_data::write_grid_png(&samples, a.cols, p)?;
+        create_parent(p)?;
+        ddpm_data::write_grid(&samples, a.cols, p)?;
         println!("grid: {}", p.display());
     }
     if let Some(d) = &a.out_dir {
+        std::fs::create_dir_all(d)
+            .with_context(|| format!("cannot create output folder {}", d.display()))?;
         for (i, img) in ddpm_data::tensor_to_images(&samples)?.iter().enumerate() {
-            ddpm_data::write_png(img, &d.join(format!("{i:05}.png")))?;
+            ddpm_data::write_image(img, &d.join(format!("{i:05}.png")))?;
         }
         println!("images: {}", d.display());
     }
     if let Some(p) = &a.out_tensor {
         let map = HashMap::from([("samples".to_string(), samples.to_device(&Device::Cpu)?)]);
+        create_parent(p)?;
         ddpm_unet::write_safetensors(&map, None, p)?;
         println!("tensor: {}", p.display());
     }

@@ -2,14 +2,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use clap::Args;
 use ddpm_forward::{ForwardProcess, NoiseSource};
 use ddpm_schedule::{Schedule, ScheduleConfig};
 
 use crate::data::DataArgs;
-use crate::sample::{SamplingArgs, prepare_parent};
+use crate::sample::{SamplingArgs, create_parent, prepare_picture};
 
 #[derive(Args, Debug)]
 pub struct ForwardArgs {
@@ -33,13 +33,13 @@ pub struct ForwardArgs {
     /// The seed of the noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// The PNG to write.
+    /// The picture to write (PNG or JPEG, by the extension).
     #[arg(long)]
     pub out: PathBuf,
 }
 
 pub fn forward(a: ForwardArgs) -> Result<()> {
-    prepare_parent(&a.out)?;
+    prepare_picture(&a.out)?;
     let (set, _) = a.data.load(a.size, a.channels)?;
     if a.index >= set.len() {
         bail!(
@@ -52,7 +52,8 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     let image = set.batch(&[a.index], &[false], &Device::Cpu)?;
     crate::positive("--frames", a.frames)?;
     let strip = ForwardProcess::new(&schedule, &Device::Cpu)?.strip(&image, a.frames, a.seed)?;
-    ddpm_data::write_strip_png(&strip, &a.out)?;
+    create_parent(&a.out)?;
+    ddpm_data::write_strip(&strip, &a.out)?;
     println!("forward process: {}", a.out.display());
     Ok(())
 }
@@ -67,7 +68,7 @@ pub struct ReverseArgs {
     /// How many samples (one row each).
     #[arg(long, default_value_t = 1)]
     pub num: usize,
-    /// The PNG to write.
+    /// The picture to write (PNG or JPEG, by the extension).
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -75,7 +76,7 @@ pub struct ReverseArgs {
 pub fn reverse(a: ReverseArgs, device: &Device) -> Result<()> {
     crate::positive("--frames", a.frames)?;
     crate::positive("--num", a.num)?;
-    prepare_parent(&a.out)?;
+    prepare_picture(&a.out)?;
     let pipeline = a.sampling.open(device)?;
     let scheduler = a.sampling.sampler(&pipeline)?;
     let size = a.sampling.image_size(&pipeline)?;
@@ -85,6 +86,10 @@ pub fn reverse(a: ReverseArgs, device: &Device) -> Result<()> {
     }
     let keep: Vec<usize> = (1..=a.frames).map(|i| i * n / a.frames - 1).collect();
     let mut rng = NoiseSource::new(a.sampling.seed);
+    pipeline
+        .config
+        .check_input(a.num, size, size)
+        .context("--num and --size")?;
     let init = rng.randn((a.num, pipeline.config.in_channels(), size, size), device)?;
     let mut frames = Vec::new();
     a.sampling
@@ -97,7 +102,8 @@ pub fn reverse(a: ReverseArgs, device: &Device) -> Result<()> {
     let grid = Tensor::stack(&frames, 1)?
         .flatten_to(1)?
         .clamp(-1f32, 1f32)?;
-    ddpm_data::write_grid_png(&grid, a.frames, &a.out)?;
+    create_parent(&a.out)?;
+    ddpm_data::write_grid(&grid, a.frames, &a.out)?;
     println!("reverse process: {}", a.out.display());
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `ddpm train`: a training run into a run folder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -8,7 +8,7 @@ use candle_core::Device;
 use clap::{Args, ValueEnum};
 use ddpm_forward::Prediction;
 use ddpm_schedule::ScheduleConfig;
-use ddpm_trainer::{Loss, LrSchedule, TrainConfig, Trainer};
+use ddpm_trainer::{LOCK_FILE, Loss, LrSchedule, RunLock, RunPaths, TrainConfig, Trainer};
 use ddpm_unet::UnetConfig;
 
 use crate::data::DataArgs;
@@ -234,22 +234,76 @@ pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
     Ok(c)
 }
 
-pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
+/// The options `--resume` takes besides the run folder: the total steps (to extend the run),
+/// the progress bar, and the data options, which must name the data the run was trained on.
+/// Any other option would change the run's configuration, so it is an error.
+const SAFE_ON_RESUME: [&str; 6] = ["out", "resume", "steps", "no_progress", "data", "limit"];
+
+/// Whether `out` holds anything but its lock file.
+fn holds_a_run(out: &Path) -> Result<bool> {
+    if !out.is_dir() {
+        return Ok(false);
+    }
+    for entry in std::fs::read_dir(out)
+        .with_context(|| format!("cannot read run folder {}", out.display()))?
+    {
+        if entry?.file_name() != LOCK_FILE {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Empties the run folder for --force, all but the lock this process holds.
+fn clear_run(out: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))? {
+        let entry = entry?;
+        if entry.file_name() == LOCK_FILE {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+pub fn run(a: TrainArgs, given: &[String], device: &Device) -> Result<()> {
     let out = &a.out;
     if out.is_file() {
         bail!("--out {} is a file, not a run folder", out.display());
     }
-    let exists = out.is_dir()
-        && std::fs::read_dir(out)
-            .with_context(|| format!("cannot read run folder {}", out.display()))?
-            .next()
-            .is_some();
-    let mut trainer = if a.resume {
+    // An existing folder is locked before it is looked at, so two writers never share it; a
+    // new one is created (and locked) only once every argument has been checked.
+    let mut lock = if out.is_dir() {
+        Some(RunLock::acquire(out)?)
+    } else {
+        None
+    };
+    let exists = holds_a_run(out)?;
+    let trainer = if a.resume {
         if !exists {
             bail!("--resume: {} holds no run to continue", out.display());
         }
-        let checkpoint = ddpm_pipeline::latest_checkpoint(out)?;
-        let ck = ddpm_trainer::Checkpoint::read(&checkpoint, &Device::Cpu)?;
+        if let Some(bad) = given.iter().find(|g| !SAFE_ON_RESUME.contains(&g.as_str())) {
+            bail!(
+                "--resume continues the run with its own configuration: --{} would change it (a resumed run takes --steps, --no-progress and the same data options)",
+                bad.replace('_', "-")
+            );
+        }
+        let found = RunPaths::new(out).newest_good_checkpoint(&Device::Cpu)?;
+        for (path, why) in &found.skipped {
+            crate::warn(format_args!(
+                "skipping checkpoint {}: {}",
+                path.display(),
+                crate::report::one_line(&anyhow::Error::msg(why.to_string()))
+            ));
+        }
+        let ck = &found.checkpoint;
         let size = ck.config.model.sample_size().unwrap_or(32);
         let (set, what) = a.data.load(size, ck.config.model.in_channels())?;
         if what != ck.dataset {
@@ -258,14 +312,14 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
                 ck.dataset
             );
         }
-        let trainer = Trainer::resume(&checkpoint, Arc::new(set), device, a.steps)?;
+        let trainer = Trainer::resume_from(ck, &found.path, Arc::new(set), device, a.steps)?;
         println!(
             "resuming {} at step {} of {}",
-            checkpoint.display(),
+            found.path.display(),
             trainer.step(),
             trainer.config().steps
         );
-        trainer
+        Some(trainer)
     } else {
         if exists && !a.force {
             bail!(
@@ -278,7 +332,7 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
         let size = config.model.sample_size().unwrap_or(32);
         let (set, what) = a.data.load(size, config.model.in_channels())?;
         if exists {
-            std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
+            clear_run(out)?;
         }
         let classes = set
             .labels()
@@ -294,11 +348,17 @@ pub fn run(a: TrainArgs, device: &Device) -> Result<()> {
             set.height(),
             set.width()
         );
-        Trainer::new(config, Arc::new(set), &what, device)?
+        Some(Trainer::new(config, Arc::new(set), &what, device)?)
     };
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create run folder {}", out.display()))?;
-    let summary = ddpm_trainer::run(&mut trainer, out, !a.no_progress)?;
+    let mut trainer = trainer.expect("built above");
+    if lock.is_none() {
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("cannot create run folder {}", out.display()))?;
+        lock = Some(RunLock::acquire(out)?);
+    }
+    let lock = lock.expect("taken above");
+    lock.claim()?;
+    let summary = ddpm_trainer::run_locked(&mut trainer, &lock, !a.no_progress)?;
     println!(
         "trained {} steps in {:.1} s ({:.1} images/s), final loss {:.4}",
         summary.steps, summary.seconds, summary.images_per_second, summary.final_loss

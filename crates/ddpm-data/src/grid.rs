@@ -1,4 +1,5 @@
-//! Writing samples as PNG: single images, grids and strips.
+//! Writing samples as pictures (PNG or JPEG, by the file's extension): single images, grids
+//! and strips.
 
 use std::path::Path;
 
@@ -43,16 +44,36 @@ pub fn tensor_to_images(x: &Tensor) -> Result<Vec<DynamicImage>, DataError> {
         .collect())
 }
 
-/// Saves one image as PNG, through a temporary file synced and renamed into place (the
-/// `atomic-write-file` crate): a failure leaves whatever was at `path` as it was.
-pub fn write_png(img: &DynamicImage, path: &Path) -> Result<(), DataError> {
+/// The picture format a path's extension names: `.png`, or `.jpg` / `.jpeg` (any case). Any
+/// other extension, or none, is an error naming the path, so a caller can check an output
+/// before any work.
+pub fn image_format(path: &Path) -> Result<image::ImageFormat, DataError> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("png") => Ok(image::ImageFormat::Png),
+        Some("jpg" | "jpeg") => Ok(image::ImageFormat::Jpeg),
+        _ => Err(DataError::Write {
+            path: path.to_path_buf(),
+            message: "unknown picture format: give a .png, .jpg or .jpeg file name".into(),
+        }),
+    }
+}
+
+/// Saves one image in the format its extension names ([`image_format`]), through a
+/// temporary file synced and renamed into place (the `atomic-write-file` crate): a failure
+/// leaves whatever was at `path` as it was.
+pub fn write_image(img: &DynamicImage, path: &Path) -> Result<(), DataError> {
+    let format = image_format(path)?;
     let err = |m: String| DataError::Write {
         path: path.to_path_buf(),
         message: m,
     };
     let mut file =
         atomic_write_file::AtomicWriteFile::open(path).map_err(|e| err(e.to_string()))?;
-    img.write_to(&mut file, image::ImageFormat::Png)
+    img.write_to(&mut file, format)
         .map_err(|e| err(e.to_string()))?;
     file.commit().map_err(|e| err(e.to_string()))
 }
@@ -63,15 +84,16 @@ pub fn grid_image(x: &Tensor, ncols: usize) -> Result<DynamicImage, DataError> {
     Ok(tile(&tensor_to_images(x)?, ncols.max(1)))
 }
 
-/// [`grid_image`], saved as PNG.
-pub fn write_grid_png(x: &Tensor, ncols: usize, path: &Path) -> Result<(), DataError> {
-    write_png(&grid_image(x, ncols)?, path)
+/// [`grid_image`], saved in the format `path`'s extension names ([`write_image`]).
+pub fn write_grid(x: &Tensor, ncols: usize, path: &Path) -> Result<(), DataError> {
+    write_image(&grid_image(x, ncols)?, path)
 }
 
-/// One row of images (the forward-process strip, the denoising progression).
-pub fn write_strip_png(x: &Tensor, path: &Path) -> Result<(), DataError> {
+/// One row of images (the forward-process strip, the denoising progression), saved as
+/// [`write_image`] does.
+pub fn write_strip(x: &Tensor, path: &Path) -> Result<(), DataError> {
     let images = tensor_to_images(x)?;
-    write_png(&tile(&images, images.len().max(1)), path)
+    write_image(&tile(&images, images.len().max(1)), path)
 }
 
 fn tile(images: &[DynamicImage], ncols: usize) -> DynamicImage {

@@ -36,7 +36,7 @@ mod sources;
 use std::path::PathBuf;
 
 pub use batches::{Batches, DataPosition};
-pub use grid::{grid_image, tensor_to_images, write_grid_png, write_png, write_strip_png};
+pub use grid::{grid_image, image_format, tensor_to_images, write_grid, write_image, write_strip};
 pub use sources::parquet_summary;
 
 /// Why data could not be loaded. Every variant names the file at fault.
@@ -118,10 +118,10 @@ impl ImageSet {
                 pixels.len()
             ));
         }
-        if let Some(l) = &labels {
-            if l.len() != len {
-                return Err(format!("{} labels for {len} images", l.len()));
-            }
+        if let Some(l) = &labels
+            && l.len() != len
+        {
+            return Err(format!("{} labels for {len} images", l.len()));
         }
         Ok(Self {
             pixels,

@@ -27,13 +27,23 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
     }
 }
 
+/// The most bytes a gzipped data file may inflate to (4 GiB): more is refused, not allocated.
+const MAX_INFLATED: u64 = 1 << 32;
+
 /// Inflates gzip data (by its magic bytes); passes anything else through.
 fn maybe_gunzip(bytes: Vec<u8>, path: &Path) -> Result<Vec<u8>, DataError> {
     if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&bytes[..])
+            .take(MAX_INFLATED + 1)
             .read_to_end(&mut out)
             .map_err(|e| format_err(path, format!("not valid gzip data: {e}")))?;
+        if out.len() as u64 > MAX_INFLATED {
+            return Err(format_err(
+                path,
+                format!("inflates to more than {MAX_INFLATED} bytes"),
+            ));
+        }
         Ok(out)
     } else {
         Ok(bytes)
@@ -64,7 +74,10 @@ fn parse_idx(bytes: &[u8], path: &Path, want_rank: u8) -> Result<(Vec<usize>, Ve
             u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize
         })
         .collect();
-    let n: usize = dims.iter().product();
+    let n = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| format_err(path, format!("IDX sizes {dims:?} are impossibly large")))?;
     let data = &bytes[header..];
     if data.len() != n {
         return Err(format_err(

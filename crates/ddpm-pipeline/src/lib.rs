@@ -48,7 +48,7 @@ use candle_core::{Device, Tensor};
 use ddpm_forward::NoiseSource;
 use ddpm_sampler::{Progress, SamplerKind, Scheduler, SchedulerConfig};
 use ddpm_trainer::{Checkpoint, RunPaths, TrainConfig, atomic_write};
-use ddpm_unet::{Classes, Guided, Unet, UnetConfig};
+use ddpm_unet::{Classes, Denoiser, Guided, Unet, UnetConfig};
 
 /// The training configuration [`export`] writes beside a diffusers folder's own files: what
 /// `config.json` cannot say (whether the last class embedding is "no class", the guidance
@@ -89,6 +89,9 @@ pub struct Pipeline {
     /// The guidance scale it samples with unless told (the run's own; 1 for a plain
     /// diffusers folder).
     pub guidance: f64,
+    /// What the caller should tell the user: newer checkpoints of a run that could not be
+    /// read and were passed over, one line each.
+    pub warnings: Vec<String>,
 }
 
 /// The classes a class-conditional model draws, one per image, and the guidance scale: what
@@ -103,17 +106,23 @@ pub struct Conditioning {
     pub guidance: f64,
 }
 
-/// The newest checkpoint of a run folder, or an error naming the folder.
-pub fn latest_checkpoint(run: &Path) -> candle_core::Result<PathBuf> {
-    RunPaths::new(run)
-        .latest_checkpoint()
-        .map_err(|e| {
-            msg(format!(
-                "reading {}: {e}",
-                run.join("checkpoints").display()
-            ))
-        })?
-        .ok_or_else(|| msg(format!("{} has no checkpoints", run.display())))
+/// The newest checkpoint of a run folder that reads and verifies, read onto the CPU, with a
+/// warning line for each newer one passed over; an error naming the folder when there is none.
+pub fn latest_checkpoint(run: &Path) -> candle_core::Result<(PathBuf, Checkpoint, Vec<String>)> {
+    let found = RunPaths::new(run).newest_good_checkpoint(&Device::Cpu)?;
+    let warnings = skipped_warnings(&found.skipped);
+    Ok((found.path, found.checkpoint, warnings))
+}
+
+fn skipped_warnings(skipped: &[(PathBuf, candle_core::Error)]) -> Vec<String> {
+    skipped
+        .iter()
+        .map(|(path, why)| {
+            let why = why.to_string();
+            let why = why.lines().next().unwrap_or_default().to_string();
+            format!("skipping checkpoint {}: {why}", path.display())
+        })
+        .collect()
 }
 
 impl Pipeline {
@@ -126,25 +135,26 @@ impl Pipeline {
         if !path.exists() {
             candle_core::bail!("{} does not exist", path.display());
         }
-        let checkpoint = if path.is_dir() && path.join("checkpoints").is_dir() {
-            Some(latest_checkpoint(path)?)
+        if path.is_dir() && path.join("checkpoints").is_dir() {
+            let found = RunPaths::new(path).newest_good_checkpoint(device)?;
+            let mut pipeline =
+                Self::from_checkpoint(&found.path, found.checkpoint, weights, device)?;
+            pipeline.warnings = skipped_warnings(&found.skipped);
+            Ok(pipeline)
         } else if path.is_file() {
-            Some(path.to_path_buf())
+            let ck = Checkpoint::read(path, device)?;
+            Self::from_checkpoint(path, ck, weights, device)
         } else {
-            None
-        };
-        match checkpoint {
-            Some(ck_path) => Self::from_checkpoint(&ck_path, weights, device),
-            None => Self::from_folder(path, device),
+            Self::from_folder(path, device)
         }
     }
 
     fn from_checkpoint(
         path: &Path,
+        ck: Checkpoint,
         weights: Weights,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        let ck = Checkpoint::read(path, device)?;
         let tensors = match weights {
             Weights::Ema => ck.ema,
             Weights::Raw => ck.model,
@@ -163,6 +173,7 @@ impl Pipeline {
                 ck.step,
                 weights.name()
             ),
+            warnings: Vec::new(),
         })
     }
 
@@ -203,6 +214,7 @@ impl Pipeline {
             source: path.display().to_string(),
             trained_classes,
             guidance,
+            warnings: Vec::new(),
         })
     }
 
@@ -266,7 +278,9 @@ impl Pipeline {
 
     /// Runs `scheduler` from `init` with the weights frozen (see `Unet::freeze_weights`),
     /// conditioned as given (a class-conditional model needs it), calling `on_step` after each
-    /// step. Returns the final sample, not clamped.
+    /// step. Returns the final sample, not clamped. A model prediction with NaN or infinite
+    /// values stops the loop with an error naming the step (one reduction per step, read on
+    /// the host).
     pub fn sample(
         &self,
         scheduler: &dyn Scheduler,
@@ -276,13 +290,18 @@ impl Pipeline {
         on_step: impl FnMut(&Progress<'_>),
     ) -> candle_core::Result<Tensor> {
         let _frozen = self.unet.freeze_weights();
+        let timesteps = scheduler.timesteps();
         match conditioning {
             Some(c) => {
                 let device = init.device().clone();
                 let guided = Guided::new(&self.unet, c.classes, &c.labels, c.guidance, &device)?;
-                ddpm_sampler::sample(&guided, scheduler, init, rng, on_step)
+                let checked = Finite::new(&guided, timesteps);
+                ddpm_sampler::sample(&checked, scheduler, init, rng, on_step)
             }
-            None => ddpm_sampler::sample(&self.unet, scheduler, init, rng, on_step),
+            None => {
+                let checked = Finite::new(&self.unet, timesteps);
+                ddpm_sampler::sample(&checked, scheduler, init, rng, on_step)
+            }
         }
     }
 
@@ -290,13 +309,48 @@ impl Pipeline {
     /// unless a positive multiple of the model's downsampling factor.
     pub fn image_size(&self, asked: Option<usize>) -> candle_core::Result<usize> {
         let size = asked.or(self.config.sample_size()).unwrap_or(32);
-        let f = self.config.downsampling_factor();
-        if size == 0 || size % f != 0 {
+        self.config.check_input(1, size, size)?;
+        Ok(size)
+    }
+}
+
+/// A model whose every prediction is checked for NaN and infinite values, counting its calls
+/// so that an error names the sampling step.
+struct Finite<'a, D> {
+    model: &'a D,
+    timesteps: &'a [usize],
+    calls: std::cell::Cell<usize>,
+}
+
+impl<'a, D: Denoiser> Finite<'a, D> {
+    fn new(model: &'a D, timesteps: &'a [usize]) -> Self {
+        Self {
+            model,
+            timesteps,
+            calls: std::cell::Cell::new(0),
+        }
+    }
+}
+
+impl<D: Denoiser> Denoiser for Finite<'_, D> {
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        let index = self.calls.get();
+        self.calls.set(index + 1);
+        let out = self.model.predict(x_t, t)?;
+        let bad = ddpm_unet::non_finite_count(&out)?;
+        if bad > 0 {
+            let timestep = self
+                .timesteps
+                .get(index)
+                .map(|t| format!(" (timestep {t})"))
+                .unwrap_or_default();
             candle_core::bail!(
-                "image size {size} must be a positive multiple of {f} for this model"
+                "sampling step {} of {}{timestep}: the model predicted {bad} NaN or infinite value(s)",
+                index + 1,
+                self.timesteps.len()
             );
         }
-        Ok(size)
+        Ok(out)
     }
 }
 

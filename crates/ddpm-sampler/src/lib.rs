@@ -188,14 +188,14 @@ impl DdpmSampler {
         let x0 = clip(x0, c.clip_sample, c.clip_sample_range)?;
         // DDPM eq. 7: the posterior mean.
         let mut prev = ((&x0 * posterior.x0)? + (sample * posterior.x_t)?)?;
-        if t > 0 {
-            if let Some(noise) = noise {
-                let variance = match c.variance_type {
-                    VarianceType::FixedSmall => posterior.variance.max(1e-20),
-                    VarianceType::FixedLarge => 1.0 - abar_t / abar_prev,
-                };
-                prev = (prev + (noise * variance.sqrt())?)?;
-            }
+        if t > 0
+            && let Some(noise) = noise
+        {
+            let variance = match c.variance_type {
+                VarianceType::FixedSmall => posterior.variance.max(1e-20),
+                VarianceType::FixedLarge => 1.0 - abar_t / abar_prev,
+            };
+            prev = (prev + (noise * variance.sqrt())?)?;
         }
         Ok(StepOutput {
             prev_sample: prev,

@@ -2,6 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The most training timesteps a schedule may have (diffusers' models use 1000 to 4000); more
+/// is refused before the tables are allocated.
+pub const MAX_TIMESTEPS: usize = 1_000_000;
+
 /// Why a schedule could not be built. Every variant names the value at fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
@@ -9,6 +13,9 @@ pub enum ScheduleError {
     /// `num_train_timesteps` was zero.
     #[error("num_train_timesteps must be at least 1, got 0")]
     ZeroTimesteps,
+    /// `num_train_timesteps` is more than [`MAX_TIMESTEPS`].
+    #[error("num_train_timesteps must be at most {MAX_TIMESTEPS}, got {0}")]
+    TooManyTimesteps(usize),
     /// A schedule parameter is outside its allowed range.
     #[error("{name} must be in {range}, got {value}")]
     ParameterOutOfRange {
@@ -254,6 +261,9 @@ impl ScheduleConfig {
     pub fn validate(&self) -> Result<(), ScheduleError> {
         if self.num_train_timesteps == 0 {
             return Err(ScheduleError::ZeroTimesteps);
+        }
+        if self.num_train_timesteps > MAX_TIMESTEPS {
+            return Err(ScheduleError::TooManyTimesteps(self.num_train_timesteps));
         }
         match self.beta_schedule {
             BetaSchedule::Linear {

@@ -38,6 +38,8 @@ mod config;
 mod posterior;
 mod tables;
 
-pub use config::{BetaSchedule, DIFFUSERS_BETA_SCHEDULES, ScheduleConfig, ScheduleError};
+pub use config::{
+    BetaSchedule, DIFFUSERS_BETA_SCHEDULES, MAX_TIMESTEPS, ScheduleConfig, ScheduleError,
+};
 pub use posterior::PosteriorCoefficients;
 pub use tables::{Schedule, ScheduleTensors, Table};

@@ -3,7 +3,9 @@
 //!
 //! Tensors: `model/NAME` (weights and BatchNorm statistics), `ema/NAME`, `adam_m/NAME`,
 //! `adam_v/NAME`. Metadata (strings): `format`, `step`, `adam_step`, `ema_step`, `config` (the
-//! resolved [`TrainConfig`] as JSON), `rng` and `data` (JSON states), `dataset`.
+//! resolved [`TrainConfig`] as JSON), `rng` and `data` (JSON states), `dataset`, and `crc32`:
+//! the CRC-32 of the whole file with that value's eight hex digits read as `00000000`, so a
+//! damaged checkpoint (a flipped bit, a torn or truncated write) is refused when it is read.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -19,6 +21,36 @@ use crate::{TrainConfig, Trainer};
 
 /// The `format` metadata value of our checkpoints.
 pub const CHECKPOINT_FORMAT: &str = "ddpm-checkpoint-v1";
+
+/// The checksum's metadata key and the placeholder its value is computed with.
+const CHECKSUM_KEY: &str = "crc32";
+const CHECKSUM_PLACEHOLDER: &str = "00000000";
+
+/// Where the eight hex digits of the checksum sit in a serialized checkpoint: the one
+/// occurrence of `"crc32":"` inside the header. `None` for a file without one (written
+/// before checksums existed) or whose header is not there.
+fn checksum_at(bytes: &[u8]) -> Option<usize> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header = bytes.get(8..8usize.checked_add(n)?)?;
+    let needle = format!("\"{CHECKSUM_KEY}\":\"");
+    let needle = needle.as_bytes();
+    let mut found = header
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| 8 + i + needle.len());
+    let at = found.next()?;
+    (found.next().is_none() && at + 8 <= 8 + n).then_some(at)
+}
+
+/// The CRC-32 of `bytes` with the eight bytes at `at` read as the placeholder.
+fn checksum(bytes: &[u8], at: usize) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&bytes[..at]);
+    h.update(CHECKSUM_PLACEHOLDER.as_bytes());
+    h.update(&bytes[at + 8..]);
+    h.finalize()
+}
 
 fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)
@@ -98,12 +130,21 @@ impl Trainer {
             ("rng".to_string(), json(&self.rng.state())),
             ("data".to_string(), json(&self.data.position())),
             ("dataset".to_string(), self.dataset.clone()),
+            (CHECKSUM_KEY.to_string(), CHECKSUM_PLACEHOLDER.to_string()),
         ]);
-        let bytes = safetensors::tensor::serialize(
+        let mut bytes = safetensors::tensor::serialize(
             tensors.iter().map(|(k, t)| (k.as_str(), t)),
             Some(metadata),
         )
         .map_err(|e| msg(format!("serializing checkpoint {}: {e}", path.display())))?;
+        let at = checksum_at(&bytes).ok_or_else(|| {
+            msg(format!(
+                "serializing checkpoint {}: no single checksum field in the header",
+                path.display()
+            ))
+        })?;
+        let sum = format!("{:08x}", checksum(&bytes, at));
+        bytes[at..at + 8].copy_from_slice(sum.as_bytes());
         atomic_write(path, |f| f.write_all(&bytes))
             .map_err(|e| msg(format!("writing checkpoint {}: {e}", path.display())))
     }
@@ -118,6 +159,17 @@ impl Trainer {
         steps: Option<u64>,
     ) -> candle_core::Result<Self> {
         let ck = Checkpoint::read(path, device)?;
+        Self::resume_from(&ck, path, data, device, steps)
+    }
+
+    /// [`Trainer::resume`] from a checkpoint already read from `path` (named in errors).
+    pub fn resume_from(
+        ck: &Checkpoint,
+        path: &Path,
+        data: Arc<ImageSet>,
+        device: &Device,
+        steps: Option<u64>,
+    ) -> candle_core::Result<Self> {
         let ctx = |e: String| msg(format!("checkpoint {}: {e}", path.display()));
         let mut config = ck.config.clone();
         if let Some(s) = steps {
@@ -130,6 +182,7 @@ impl Trainer {
             adam_v: v,
             ..
         } = ck.clone();
+        let ck = ck.clone();
         let mut trainer = Trainer::new(config, data, &ck.dataset, device)?;
         // Every tensor the model has must be in the checkpoint with its shape (checked load).
         ddpm_unet::Unet::from_tensors(&trainer.config.model, model.clone(), device)
@@ -204,6 +257,16 @@ impl Checkpoint {
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| ctx(format!("not a safetensors file: {e}")))?;
         let meta = header.metadata().clone().unwrap_or_default();
+        if let Some(written) = meta.get(CHECKSUM_KEY) {
+            let at =
+                checksum_at(&bytes).ok_or_else(|| ctx("its checksum field is misplaced".into()))?;
+            let computed = format!("{:08x}", checksum(&bytes, at));
+            if *written != computed {
+                return Err(ctx(format!(
+                    "damaged: its checksum does not match (written {written}, computed {computed})"
+                )));
+            }
+        }
         let get = |key: &str| {
             meta.get(key)
                 .cloned()

@@ -298,6 +298,10 @@ impl TrainConfig {
         }
         positive("steps", self.steps as f64)?;
         positive("batch_size", self.batch_size as f64)?;
+        let size = self.model.sample_size().unwrap_or(32);
+        self.model
+            .check_input(self.batch_size, size, size)
+            .map_err(|e| candle_core::Error::Msg(format!("the model's sample_size: {e}")))?;
         positive("grad_accum", self.grad_accum as f64)?;
         positive("keep_checkpoints", self.keep_checkpoints as f64)?;
         positive("sample_count", self.sample_count as f64)?;

@@ -34,6 +34,7 @@
 
 mod checkpoint;
 mod config;
+mod lock;
 pub mod quality;
 mod run;
 mod trainer;
@@ -42,5 +43,9 @@ pub use checkpoint::{
     CHECKPOINT_FORMAT, Checkpoint, atomic_write, checkpoint_name, list_checkpoints,
 };
 pub use config::{AdamWConfig, EmaConfig, Loss, LrSchedule, RECIPES, TrainConfig};
-pub use run::{RunPaths, RunSummary, draw_loss_curve, run, sample_ema, sample_labels};
+pub use lock::{LOCK_FILE, RunLock};
+pub use run::{
+    GoodCheckpoint, RunPaths, RunSummary, draw_loss_curve, run, run_locked, sample_ema,
+    sample_labels,
+};
 pub use trainer::{AdamW, StepMetrics, TrainError, Trainer, ema_step};

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 
 use crate::checkpoint::{atomic_write, checkpoint_name, list_checkpoints};
+use crate::{Checkpoint, RunLock};
 use crate::{StepMetrics, TrainConfig, Trainer};
 use ddpm_unet::Guided;
 
@@ -73,6 +74,73 @@ impl RunPaths {
     pub fn latest_checkpoint(&self) -> std::io::Result<Option<PathBuf>> {
         Ok(list_checkpoints(&self.checkpoints())?.pop().map(|(_, p)| p))
     }
+
+    /// The newest checkpoint that reads and verifies ([`Checkpoint::read`]), read onto
+    /// `device`, with the newer ones passed over and why (a checkpoint damaged by a crash or a
+    /// bad disk). An error when the run has no checkpoint, or none that verifies.
+    pub fn newest_good_checkpoint(
+        &self,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<GoodCheckpoint> {
+        let dir = self.checkpoints();
+        let mut all = list_checkpoints(&dir).map_err(io(&dir))?;
+        if all.is_empty() {
+            candle_core::bail!("{} has no checkpoints", self.root.display());
+        }
+        let mut skipped = Vec::new();
+        while let Some((_, path)) = all.pop() {
+            match Checkpoint::read(&path, device) {
+                Ok(checkpoint) => {
+                    return Ok(GoodCheckpoint {
+                        path,
+                        checkpoint,
+                        skipped,
+                    });
+                }
+                Err(error) => skipped.push((path, error)),
+            }
+        }
+        let (newest, why) = &skipped[0];
+        candle_core::bail!(
+            "no checkpoint of {} can be read; the newest, {}, because: {why}",
+            self.root.display(),
+            newest.display()
+        )
+    }
+}
+
+/// Removes the temporary files (`.NAME.XXXXXX`, see [`atomic_write`]) that a writer killed
+/// mid-write left in `dir`. Only a holder of the run's lock calls this, so no write of ours is
+/// in progress there.
+fn remove_stale_temporaries(dir: &Path) -> candle_core::Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale = name.starts_with('.')
+            && name != crate::LOCK_FILE
+            && name.rsplit_once('.').is_some_and(|(base, suffix)| {
+                base.len() > 1
+                    && suffix.len() == 6
+                    && suffix.chars().all(|c| c.is_ascii_alphanumeric())
+            });
+        if stale && entry.file_type().map_err(io(dir))?.is_file() {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+    }
+    Ok(())
+}
+
+/// What [`RunPaths::newest_good_checkpoint`] found.
+#[derive(Debug)]
+pub struct GoodCheckpoint {
+    /// Its file.
+    pub path: PathBuf,
+    /// Its contents.
+    pub checkpoint: Checkpoint,
+    /// Newer checkpoints that could not be read, newest first, with the reason.
+    pub skipped: Vec<(PathBuf, candle_core::Error)>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> candle_core::Error + '_ {
@@ -126,15 +194,30 @@ pub fn sample_ema(trainer: &Trainer, count: usize) -> candle_core::Result<Tensor
 /// `samples/step-N.png` and `checkpoints/step-N.safetensors` (the last
 /// `keep_checkpoints` kept). A trainer restored with [`Trainer::resume`] continues its metrics.
 /// A non-finite loss stops the run with an error naming the step; the checkpoints already
-/// written stay as they were.
+/// written stay as they were. The folder is locked for the run ([`RunLock`]): a second writer
+/// fails at once.
 pub fn run(
     trainer: &mut Trainer,
     out: &Path,
     show_progress: bool,
 ) -> candle_core::Result<RunSummary> {
-    let paths = RunPaths::new(out);
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let lock = RunLock::acquire(out)?;
+    lock.claim()?;
+    run_locked(trainer, &lock, show_progress)
+}
+
+/// [`run`] into the folder of a lock the caller holds (taken before it checked or cleared
+/// the folder).
+pub fn run_locked(
+    trainer: &mut Trainer,
+    lock: &RunLock,
+    show_progress: bool,
+) -> candle_core::Result<RunSummary> {
+    let paths = RunPaths::new(lock.root());
     for dir in [paths.root.clone(), paths.checkpoints(), paths.samples()] {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        remove_stale_temporaries(&dir)?;
     }
     let c = trainer.config().clone();
     let config_json = serde_json::json!({ "train": &c, "dataset": trainer.dataset() });
@@ -227,7 +310,7 @@ pub fn run(
         if done || (c.sample_every > 0 && m.step % c.sample_every == 0) {
             samples = paths.samples().join(format!("step-{:08}.png", m.step));
             let x = sample_ema(trainer, c.sample_count)?;
-            ddpm_data::write_grid_png(&x, c.sample_count.min(10), &samples)?;
+            ddpm_data::write_grid(&x, c.sample_count.min(10), &samples)?;
         }
         last = Some(m);
     }

@@ -270,7 +270,7 @@ pub(crate) fn group_norm(
     eps: f64,
     vb: VarBuilder<'_>,
 ) -> candle_core::Result<GroupNorm> {
-    if groups == 0 || channels % groups != 0 {
+    if groups == 0 || !channels.is_multiple_of(groups) {
         candle_core::bail!("GroupNorm: {channels} channels do not split into {groups} groups");
     }
     let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;

@@ -53,9 +53,12 @@ pub use classes::{Classes, Guided};
 pub use ddpm_kernels::{FrozenWeights, with_frozen_weights};
 pub use layers::Mode;
 pub use simple::{SimpleUnet, SimpleUnetConfig};
-pub use unet2d::{DownBlockType, MidBlockType, Unet2d, Unet2dConfig, UpBlockType};
+pub use unet2d::{
+    DownBlockType, MAX_CHANNELS, MAX_LAYERS, MAX_LEVELS, MidBlockType, Unet2d, Unet2dConfig,
+    UpBlockType,
+};
 pub use weights::{
-    build_checked, count_parameters, init_seeded, is_buffer, read_safetensors,
+    build_checked, count_parameters, init_seeded, is_buffer, non_finite_count, read_safetensors,
     rename_legacy_attention, trainable_vars, varmap_tensors, write_safetensors,
 };
 
@@ -63,6 +66,18 @@ pub use weights::{
 pub use ddpm_forward::DIFFUSERS_VERSION;
 /// The model interface of `ddpm-sampler`, implemented by [`Unet`] and [`Guided`].
 pub use ddpm_forward::Denoiser;
+
+/// The most parameters a model built here may have: 2^31 (8 GiB of f32 weights, before the
+/// EMA and optimizer state training adds). An absurd config (10^8 channels) is refused before
+/// anything is allocated.
+pub const MAX_PARAMETERS: u64 = 1 << 31;
+
+/// The largest image side a model here takes.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+
+/// The most values one activation of a batch may hold: 2^31 (8 GiB of f32); see
+/// [`UnetConfig::check_input`].
+pub const MAX_ACTIVATION: u64 = 1 << 31;
 
 /// The file name diffusers gives a model's weights.
 pub const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
@@ -173,6 +188,14 @@ impl UnetConfig {
         Value::Object(map)
     }
 
+    /// The number of parameters (and buffers) of the model this config builds, counted by
+    /// building it over views of one zero (no weight is allocated), so an absurd config can be
+    /// refused before anything is allocated. Configs that fail to build are errors as
+    /// [`Unet::new`] gives them.
+    pub fn parameter_count(&self) -> candle_core::Result<u128> {
+        weights::count_built(|vb| Unet::build(self, vb).map(|_| ()))
+    }
+
     /// Input channels.
     pub fn in_channels(&self) -> usize {
         match self {
@@ -214,12 +237,69 @@ impl UnetConfig {
         }
     }
 
+    /// Checks the config's structure (what a model of it would be) without building anything:
+    /// every unsupported value and every absurd size is an error naming it.
+    pub fn validate(&self) -> candle_core::Result<()> {
+        match self {
+            Self::Simple(c) => c.validate(),
+            Self::Unet2d(c) => c.validate(),
+        }
+    }
+
     /// Input height and width must be multiples of this.
     pub fn downsampling_factor(&self) -> usize {
         match self {
             Self::Simple(c) => c.downsampling_factor(),
             Self::Unet2d(c) => c.downsampling_factor(),
         }
+    }
+
+    /// The most channels any of the model's activations has.
+    pub fn widest_channels(&self) -> usize {
+        let widest = match self {
+            Self::Simple(c) => c.down_channels.iter().chain(&c.up_channels).max(),
+            Self::Unet2d(c) => c.block_out_channels.iter().max(),
+        };
+        widest
+            .copied()
+            .unwrap_or(0)
+            .max(self.in_channels())
+            .max(self.out_channels())
+    }
+
+    /// Checks that a batch of `batch` images of `height` x `width` fits this model: sizes that
+    /// are positive multiples of [`UnetConfig::downsampling_factor`] up to [`MAX_IMAGE_SIZE`],
+    /// and a widest activation (`batch x widest channels x height x width`) of at most
+    /// [`MAX_ACTIVATION`] values. An error names what is too large before anything is
+    /// allocated.
+    pub fn check_input(
+        &self,
+        batch: usize,
+        height: usize,
+        width: usize,
+    ) -> candle_core::Result<()> {
+        self.validate()?;
+        let f = self.downsampling_factor();
+        for (what, v) in [("height", height), ("width", width)] {
+            if v == 0 || !v.is_multiple_of(f) || v > MAX_IMAGE_SIZE {
+                candle_core::bail!(
+                    "image {what} {v} must be a positive multiple of {f} up to {MAX_IMAGE_SIZE} for this model"
+                );
+            }
+        }
+        if batch == 0 {
+            candle_core::bail!("a batch needs at least one image, got 0");
+        }
+        let values = batch as u128 * self.widest_channels() as u128 * (height * width) as u128;
+        if values > MAX_ACTIVATION as u128 {
+            candle_core::bail!(
+                "{batch} images of {height}x{width} would need {:.1} GiB for each of this model's widest activations ({} channels), more than the {} GiB allowed: use fewer images at once",
+                values as f64 * 4.0 / (1u64 << 30) as f64,
+                self.widest_channels(),
+                (MAX_ACTIVATION * 4) >> 30
+            );
+        }
+        Ok(())
     }
 }
 
@@ -255,7 +335,21 @@ pub enum Unet {
 impl Unet {
     /// Builds the model for `config`, its weights from `vb` (a `VarMap` to train, loaded
     /// tensors to infer; see [`Unet::from_tensors`] for a checked load).
+    /// A config whose model would have more than [`MAX_PARAMETERS`] parameters is an error
+    /// before anything is allocated.
     pub fn new(config: &UnetConfig, vb: VarBuilder<'_>) -> candle_core::Result<Self> {
+        let n = config.parameter_count()?;
+        if n > MAX_PARAMETERS as u128 {
+            candle_core::bail!(
+                "this model config would have {n} parameters ({:.1} GiB in f32), more than the {} this library builds",
+                n as f64 * 4.0 / (1u64 << 30) as f64,
+                MAX_PARAMETERS
+            );
+        }
+        Self::build(config, vb)
+    }
+
+    fn build(config: &UnetConfig, vb: VarBuilder<'_>) -> candle_core::Result<Self> {
         Ok(match config {
             UnetConfig::Simple(c) => Self::Simple(SimpleUnet::new(c, vb)?),
             UnetConfig::Unet2d(c) => Self::Unet2d(Unet2d::new(c, vb)?),

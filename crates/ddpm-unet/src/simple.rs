@@ -59,8 +59,21 @@ impl SimpleUnetConfig {
     /// Checks that the channel lists fit together.
     pub fn validate(&self) -> candle_core::Result<()> {
         let (d, u) = (&self.down_channels, &self.up_channels);
-        if d.len() < 2 {
-            candle_core::bail!("SimpleUnet needs at least two down_channels, got {d:?}");
+        if d.len() < 2 || d.len() > crate::MAX_LEVELS {
+            candle_core::bail!(
+                "SimpleUnet needs 2 to {} down_channels, got {d:?}",
+                crate::MAX_LEVELS
+            );
+        }
+        let widths = [self.image_channels, self.out_dim, self.time_emb_dim];
+        if let Some(bad) = d.iter().chain(&widths).find(|&&c| c > crate::MAX_CHANNELS) {
+            candle_core::bail!(
+                "SimpleUnet: {bad} channels is more than the {} a layer may have",
+                crate::MAX_CHANNELS
+            );
+        }
+        if d.contains(&0) {
+            candle_core::bail!("SimpleUnet down_channels must be positive, got {d:?}");
         }
         if !u.iter().eq(d.iter().rev()) {
             candle_core::bail!(
@@ -78,7 +91,8 @@ impl SimpleUnetConfig {
 
     /// How many times the model halves the resolution: inputs must be divisible by `2^n`.
     pub fn downsampling_factor(&self) -> usize {
-        1 << (self.down_channels.len() - 1)
+        let levels = self.down_channels.len().saturating_sub(1) as u32;
+        1usize.checked_shl(levels).unwrap_or(usize::MAX)
     }
 }
 

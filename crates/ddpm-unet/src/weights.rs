@@ -73,6 +73,12 @@ impl SimpleBackend for Checked {
                 t.dtype()
             );
         }
+        let bad = non_finite_count(t)?;
+        if bad > 0 {
+            candle_core::bail!(
+                "tensor {name} holds {bad} value(s) that are NaN or infinite: the weights are damaged"
+            );
+        }
         self.used
             .lock()
             .expect("not poisoned")
@@ -85,8 +91,21 @@ impl SimpleBackend for Checked {
     }
 }
 
+/// How many of `t`'s values are NaN or infinite (`x - x` is 0 exactly for the finite ones).
+pub fn non_finite_count(t: &Tensor) -> candle_core::Result<usize> {
+    if !t.dtype().is_float() {
+        return Ok(0);
+    }
+    let t = t.to_dtype(DType::F32)?;
+    // NaN for NaN and infinite values (NaN != 0), exactly 0 for the rest; the count of NaNs
+    // is summed in f64 so that it is exact.
+    let nan_if_bad = t.sub(&t)?;
+    let bad = nan_if_bad.ne(0f32)?.to_dtype(DType::F64)?.sum_all()?;
+    Ok(bad.to_scalar::<f64>()? as usize)
+}
+
 /// Builds a model from named tensors, checking that every tensor the model asks for is there
-/// with the right shape and dtype (f32), and that the checkpoint holds nothing the model does
+/// with the right shape and dtype (f32) and finite values, and that the checkpoint holds nothing the model does
 /// not use (PyTorch's `num_batches_tracked` counters excepted). Legacy attention names are
 /// accepted ([`rename_legacy_attention`]).
 pub fn build_checked<M>(
@@ -256,4 +275,60 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> candle_core::Result
     let mut file = atomic_write_file::AtomicWriteFile::open(path).map_err(err)?;
     std::io::Write::write_all(&mut file, bytes).map_err(err)?;
     file.commit().map_err(err)
+}
+
+/// A backend that hands out views of one zero of any shape, adding up their elements.
+struct Counting {
+    count: Arc<Mutex<u128>>,
+}
+
+impl SimpleBackend for Counting {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let n = s
+            .dims()
+            .iter()
+            .try_fold(1u128, |acc, &d| acc.checked_mul(d as u128))
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "tensor {name} of shape {:?} is absurdly large",
+                    s.dims()
+                ))
+            })?;
+        *self.count.lock().expect("not poisoned") += n;
+        if n > u64::MAX as u128 / 8 {
+            candle_core::bail!("tensor {name} of shape {:?} is absurdly large", s.dims());
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("counting parameters: tensor {name} has no known shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// The elements of every tensor `build` asks its `VarBuilder` for, without allocating them.
+pub(crate) fn count_built(
+    build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<()>,
+) -> candle_core::Result<u128> {
+    let count = Arc::new(Mutex::new(0u128));
+    let backend = Counting {
+        count: count.clone(),
+    };
+    build(VarBuilder::from_backend(
+        Box::new(backend),
+        DType::F32,
+        Device::Cpu,
+    ))?;
+    Ok(*count.lock().expect("not poisoned"))
 }

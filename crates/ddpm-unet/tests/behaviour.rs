@@ -513,3 +513,47 @@ fn wrong_input_shapes_are_errors() {
     let b = flat(&unet.forward_t(&x, &both, Mode::Eval).unwrap());
     assert_eq!(a, b);
 }
+
+/// A config's parameter count is known before anything is built, and matches the built model;
+/// an absurd config (10^8 channels) is refused at once, without allocating its weights.
+#[test]
+fn parameter_counts_come_before_allocation() {
+    for name in ["seed-tiny", "mnist-16-classes", "ddpm-cifar10"] {
+        let config = UnetConfig::preset(name).unwrap();
+        let varmap = candle_nn::VarMap::new();
+        Unet::new(
+            &config,
+            candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let built: usize = varmap_tensors(&varmap)
+            .values()
+            .map(|t| t.elem_count())
+            .sum();
+        assert_eq!(config.parameter_count().unwrap(), built as u128, "{name}");
+    }
+    let preset: serde_json::Value =
+        serde_json::from_str(&UnetConfig::preset("mnist-16").unwrap().to_json()).unwrap();
+    let start = std::time::Instant::now();
+    for (channels, needle) in [
+        (
+            100_000_000,
+            "block_out_channels = 100000000 is not supported",
+        ),
+        (16_384, "more than the 2147483648 this library builds"),
+    ] {
+        let mut json = preset.clone();
+        json["block_out_channels"] = serde_json::json!([channels, channels, channels]);
+        let absurd = UnetConfig::from_json(&json.to_string()).unwrap();
+        let varmap = candle_nn::VarMap::new();
+        let err = Unet::new(
+            &absurd,
+            candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(needle), "{err}");
+        assert!(varmap_tensors(&varmap).is_empty());
+    }
+    assert!(start.elapsed() < std::time::Duration::from_secs(5));
+}

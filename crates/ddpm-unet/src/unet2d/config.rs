@@ -3,6 +3,13 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The most resolution levels a U-Net config may have (a 4096-pixel side halves 12 times).
+pub const MAX_LEVELS: usize = 12;
+/// The most channels a U-Net config may give any layer.
+pub const MAX_CHANNELS: usize = 65536;
+/// The most resnet layers a `UNet2DModel` block may have.
+pub const MAX_LAYERS: usize = 64;
+
 /// A down block type of `UNet2DModel`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DownBlockType {
@@ -267,6 +274,37 @@ impl Unet2dConfig {
                 "need at least one",
             ));
         }
+        if n > MAX_LEVELS {
+            return Err(unsupported(
+                "block_out_channels",
+                &n,
+                &format!("at most {MAX_LEVELS} levels"),
+            ));
+        }
+        for (key, v) in self
+            .block_out_channels
+            .iter()
+            .map(|&c| ("block_out_channels", c))
+            .chain([
+                ("in_channels", self.in_channels),
+                ("out_channels", self.out_channels),
+            ])
+        {
+            if v == 0 || v > MAX_CHANNELS {
+                return Err(unsupported(
+                    key,
+                    &v,
+                    &format!("1 to {MAX_CHANNELS} channels"),
+                ));
+            }
+        }
+        if self.layers_per_block == 0 || self.layers_per_block > MAX_LAYERS {
+            return Err(unsupported(
+                "layers_per_block",
+                &self.layers_per_block,
+                &format!("1 to {MAX_LAYERS}"),
+            ));
+        }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             candle_core::bail!(
                 "UNet2DModel config: down_block_types ({}), up_block_types ({}) and \
@@ -365,7 +403,8 @@ impl Unet2dConfig {
 
     /// How many times the model halves the resolution: inputs must be divisible by `2^n`.
     pub fn downsampling_factor(&self) -> usize {
-        1 << (self.block_out_channels.len() - 1)
+        let levels = self.block_out_channels.len().saturating_sub(1) as u32;
+        1usize.checked_shl(levels).unwrap_or(usize::MAX)
     }
 
     pub(crate) fn groups(&self) -> usize {

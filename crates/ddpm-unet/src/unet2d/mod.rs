@@ -7,5 +7,7 @@ mod config;
 mod model;
 
 pub(crate) use blocks::per_sample;
-pub use config::{DownBlockType, MidBlockType, Unet2dConfig, UpBlockType};
+pub use config::{
+    DownBlockType, MAX_CHANNELS, MAX_LAYERS, MAX_LEVELS, MidBlockType, Unet2dConfig, UpBlockType,
+};
 pub use model::Unet2d;

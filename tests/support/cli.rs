@@ -1,0 +1,93 @@
+//! Helpers shared by the end-to-end test files: run the built `ddpm`, check its exit and its
+//! one-line errors, snapshot folders.
+#![allow(dead_code)] // each test file uses some of them
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn ddpm(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(args)
+        .current_dir(dir)
+        .env("HF_HOME", dir.join("hf-home"))
+        .env("HF_HUB_OFFLINE", "1")
+        // Many users set RUST_BACKTRACE globally: errors must stay one line with it on
+        // (candle then captures a backtrace into every error it makes).
+        .env("RUST_BACKTRACE", "1")
+        .env("RUST_LIB_BACKTRACE", "1")
+        .output()
+        .expect("the ddpm binary runs")
+}
+
+#[track_caller]
+pub fn ok(out: &Output) -> String {
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "ddpm failed\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    stdout.into_owned()
+}
+
+/// The command failed with a one-line error containing `needle`.
+#[track_caller]
+pub fn fails(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line of error, got {stderr:?}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "error {:?} should contain {needle:?}",
+        lines[0]
+    );
+}
+
+/// Every file under `dir` with its bytes, to show nothing changed.
+pub fn snapshot(dir: &Path) -> HashMap<PathBuf, Vec<u8>> {
+    let mut out = HashMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+pub fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+pub fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+pub const TINY: &[&str] = &[
+    "--recipe",
+    "tiny",
+    "--limit",
+    "64",
+    "--image-size",
+    "16",
+    "--no-progress",
+];
