@@ -639,6 +639,8 @@ fn class_conditional_train_sample_export() {
             model,
             "--num",
             "3",
+            "--sampler",
+            "ddim",
             "--steps",
             "2",
             "--no-progress",

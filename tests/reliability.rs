@@ -600,12 +600,6 @@ fn hostile_inputs_fail_with_one_line_and_change_nothing() {
             "_class_name must be a string",
         ),
         case(
-            "config unknown key",
-            vec![("M/config.json", with(&|c| c["frobnicate"] = 1.into()))],
-            SAMPLE,
-            "frobnicate",
-        ),
-        case(
             "config 10^8 channels",
             vec![(
                 "M/config.json",
@@ -1600,4 +1594,126 @@ fn other_model_train_config(train_config: &[u8]) -> Vec<u8> {
     let mut c: serde_json::Value = serde_json::from_slice(train_config).unwrap();
     c["model"]["time_emb_dim"] = 64.into();
     c.to_string().into_bytes()
+}
+
+/// A config key from a newer diffusers is ignored with a one-line warning, as diffusers does;
+/// the model samples as before.
+#[test]
+fn unknown_config_keys_are_warnings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut args = crash::train_args(1, 3);
+    args.extend(["--out".into(), "run".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&ddpm(dir, &args));
+    ok(&ddpm(dir, &["export", "run", "--out", "m"]));
+    let sample = |out: &str| {
+        ddpm(
+            dir,
+            &[
+                "sample",
+                "--model",
+                "m",
+                "--num",
+                "2",
+                "--steps",
+                "3",
+                "--out-tensor",
+                out,
+                "--no-progress",
+            ],
+        )
+    };
+    ok(&sample("a.safetensors"));
+    for (file, key) in [
+        ("config.json", "frobnicate"),
+        ("scheduler_config.json", "shiny_new_option"),
+    ] {
+        let path = dir.join("m").join(file);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        v[key] = 1.into();
+        std::fs::write(&path, v.to_string()).unwrap();
+    }
+    let out = sample("b.safetensors");
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].starts_with("warning: config.json: unknown SimpleUnet key \"frobnicate\" ignored"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with(
+            "warning: scheduler_config.json: unknown key \"shiny_new_option\" ignored"
+        ),
+        "{stderr}"
+    );
+    let t = |f: &str| flat(&load(&dir.join(f))["samples"]);
+    assert_eq!(t("a.safetensors"), t("b.safetensors"));
+}
+
+/// Without --sampler and --steps, a model samples as it was meant to: a run (and its export,
+/// through train_config.json) with the sampler and steps of its own grids; a plain diffusers
+/// folder as its scheduler_config.json's class says (DDPMScheduler: DDPM over every step).
+#[test]
+fn sampling_defaults_come_from_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut args = crash::train_args(1, 3);
+    args.extend([
+        "--out".into(),
+        "run".into(),
+        "--sampler".into(),
+        "ddpm".into(),
+    ]);
+    args.extend(["--sample-steps".into(), "7".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&ddpm(dir, &args));
+    ok(&ddpm(dir, &["export", "run", "--out", "m"]));
+    let sample = |model: &str, extra: &[&str], out: &str| {
+        let mut a = vec![
+            "sample",
+            "--model",
+            model,
+            "--num",
+            "2",
+            "--no-progress",
+            "--out-tensor",
+            out,
+        ];
+        a.extend_from_slice(extra);
+        ok(&ddpm(dir, &a));
+        flat(&load(&dir.join(out))["samples"])
+    };
+    let own = sample("run", &[], "a.safetensors");
+    assert_eq!(
+        own,
+        sample(
+            "run",
+            &["--sampler", "ddpm", "--steps", "7"],
+            "b.safetensors"
+        )
+    );
+    assert_ne!(
+        own,
+        sample(
+            "run",
+            &["--sampler", "ddim", "--steps", "7"],
+            "c.safetensors"
+        )
+    );
+    assert_eq!(own, sample("m", &[], "d.safetensors"));
+    // A plain diffusers folder: its DDPMScheduler over all 300 steps.
+    std::fs::remove_file(dir.join("m/train_config.json")).unwrap();
+    let plain = sample("m", &[], "e.safetensors");
+    assert_eq!(
+        plain,
+        sample(
+            "m",
+            &["--sampler", "ddpm", "--steps", "300"],
+            "f.safetensors"
+        )
+    );
 }

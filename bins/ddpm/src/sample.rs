@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use ddpm_forward::NoiseSource;
 use ddpm_pipeline::{Conditioning, Pipeline, Weights};
-use ddpm_sampler::{Progress, Scheduler};
+use ddpm_sampler::{Progress, SamplerKind, Scheduler};
 use indicatif::ProgressBar;
 
 use crate::SamplerArg;
@@ -20,10 +20,13 @@ pub struct SamplingArgs {
     /// diffusion_pytorch_model.safetensors, optional scheduler_config.json).
     #[arg(long)]
     pub model: PathBuf,
-    /// The sampler.
-    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
-    pub sampler: SamplerArg,
-    /// Sampling steps (default: 50 for DDIM, every training step for DDPM).
+    /// The sampler. Default: the model's own (a run's, or its export's: the sampler its
+    /// sample grids and quality report used; a diffusers folder: DDPM for a DDPMScheduler,
+    /// DDIM for a DDIMScheduler).
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerArg>,
+    /// Sampling steps. Default: the model's own (a run's grid steps; DDPM: every training
+    /// step; DDIM: 50).
     #[arg(long)]
     pub steps: Option<usize>,
     /// DDIM's eta: 0 is deterministic, 1 adds DDPM's variance.
@@ -151,11 +154,18 @@ impl SamplingArgs {
         if let Some(s) = self.steps {
             crate::positive("--steps", s)?;
         }
-        if self.sampler == SamplerArg::Ddpm && self.eta != 0.0 {
+        let (kind, steps) = match self.sampler {
+            Some(asked) => (asked.into(), self.steps),
+            None => {
+                let (kind, own) = pipeline.default_sampler;
+                (kind, self.steps.or(own))
+            }
+        };
+        if kind == SamplerKind::Ddpm && self.eta != 0.0 {
             bail!("--eta applies to DDIM only");
         }
         pipeline
-            .sampler(self.sampler.into(), self.steps, self.eta)
+            .sampler(kind, steps, self.eta)
             .context("the model's schedule")
     }
 

@@ -89,6 +89,11 @@ pub struct Pipeline {
     /// The guidance scale it samples with unless told (the run's own; 1 for a plain
     /// diffusers folder).
     pub guidance: f64,
+    /// The sampler and steps it samples with unless told: a run's own (the ones its grids and
+    /// quality report used, also from an exported folder's train_config.json), else what the
+    /// folder's `scheduler_config.json` names (`DDPMScheduler`: DDPM over every training
+    /// step, as diffusers' `DDPMPipeline`; `DDIMScheduler`: DDIM over 50, as `DDIMPipeline`).
+    pub default_sampler: (SamplerKind, Option<usize>),
     /// What the caller should tell the user: newer checkpoints of a run that could not be
     /// read and were passed over, one line each.
     pub warnings: Vec<String>,
@@ -162,6 +167,7 @@ impl Pipeline {
         let unet = Unet::from_tensors(&ck.config.model, tensors, device)
             .map_err(|e| msg(format!("loading {}: {e}", path.display())))?;
         Ok(Self {
+            default_sampler: run_sampler(&ck.config),
             scheduler: ck.config.scheduler(),
             trained_classes: ck.config.classes(),
             guidance: ck.config.guidance_scale,
@@ -184,9 +190,19 @@ impl Pipeline {
                 path.display()
             );
         }
-        let (config, unet) = Unet::from_pretrained(path, device)?;
+        // As diffusers: keys of a newer version are ignored with a warning.
+        let config_path = path.join("config.json");
+        let (config, mut warnings) = UnetConfig::from_json_lenient(&read(&config_path)?)
+            .map_err(|e| msg(format!("{}: {e}", config_path.display())))?;
+        let weights = path.join(ddpm_unet::DIFFUSERS_WEIGHTS);
+        let unet = Unet::from_tensors(
+            &config,
+            ddpm_unet::read_safetensors(&weights, device)?,
+            device,
+        )
+        .map_err(|e| msg(format!("{}: {e}", weights.display())))?;
         let train_path = path.join(TRAIN_CONFIG);
-        let (trained_classes, guidance) = if train_path.is_file() {
+        let (trained_classes, guidance, trained_sampler) = if train_path.is_file() {
             let train: TrainConfig = serde_json::from_str(&read(&train_path)?)
                 .map_err(|e| msg(format!("{}: {e}", train_path.display())))?;
             if train.model != config {
@@ -196,25 +212,36 @@ impl Pipeline {
                     path.join("config.json").display()
                 );
             }
-            (train.classes(), train.guidance_scale)
+            (
+                train.classes(),
+                train.guidance_scale,
+                Some(run_sampler(&train)),
+            )
         } else {
-            (None, 1.0)
+            (None, 1.0, None)
         };
         let scheduler_path = path.join("scheduler_config.json");
         let scheduler = if scheduler_path.is_file() {
-            SchedulerConfig::from_json(&read(&scheduler_path)?)
-                .map_err(|e| msg(format!("{}: {e}", scheduler_path.display())))?
+            let (scheduler, more) = SchedulerConfig::from_json_lenient(&read(&scheduler_path)?)
+                .map_err(|e| msg(format!("{}: {e}", scheduler_path.display())))?;
+            warnings.extend(more);
+            scheduler
         } else {
             SchedulerConfig::from_json("{}")?
         };
+        let default_sampler = trained_sampler.unwrap_or(match scheduler.class_name.as_str() {
+            "DDIMScheduler" => (SamplerKind::Ddim, Some(50)),
+            _ => (SamplerKind::Ddpm, None),
+        });
         Ok(Self {
             config,
             unet,
+            default_sampler,
             scheduler,
             source: path.display().to_string(),
             trained_classes,
             guidance,
-            warnings: Vec::new(),
+            warnings,
         })
     }
 
@@ -396,6 +423,12 @@ pub fn export(
         }
     }
     Ok(())
+}
+
+/// A run's own sampler: its grids' kind and steps (at most its `T`).
+fn run_sampler(config: &TrainConfig) -> (SamplerKind, Option<usize>) {
+    let t = config.schedule.num_train_timesteps;
+    (config.sampler, Some(config.sample_steps.min(t)))
 }
 
 fn write_text(path: &Path, text: &str) -> candle_core::Result<()> {

@@ -311,6 +311,18 @@ impl SchedulerConfig {
     /// unsupported values (`thresholding`, `trained_betas`, learned variances, ...) are errors
     /// naming them.
     pub fn from_json(text: &str) -> candle_core::Result<Self> {
+        Self::parse(text, false).map(|(c, _)| c)
+    }
+
+    /// [`SchedulerConfig::from_json`], but a key it does not know (one a newer diffusers
+    /// added) is left out with a warning, as diffusers itself does; the warnings come back,
+    /// one line each. Unsupported values of known keys are still errors.
+    pub fn from_json_lenient(text: &str) -> candle_core::Result<(Self, Vec<String>)> {
+        Self::parse(text, true)
+    }
+
+    fn parse(text: &str, lenient: bool) -> candle_core::Result<(Self, Vec<String>)> {
+        let mut warnings = Vec::new();
         let value: Value =
             serde_json::from_str(text).map_err(|e| msg(format!("scheduler_config.json: {e}")))?;
         let Value::Object(map) = value else {
@@ -347,7 +359,13 @@ impl SchedulerConfig {
                 ]
                 .contains(&key.as_str());
             if !known {
-                return Err(msg(format!("scheduler_config.json: unknown key {key:?}")));
+                if !lenient {
+                    return Err(msg(format!("scheduler_config.json: unknown key {key:?}")));
+                }
+                warnings.push(format!(
+                    "scheduler_config.json: unknown key {key:?} ignored (this library reads diffusers {}'s keys)",
+                    ddpm_forward::DIFFUSERS_VERSION
+                ));
             }
         }
         if r.bool("thresholding", false)? {
@@ -382,23 +400,26 @@ impl SchedulerConfig {
             .map_err(|e| msg(format!("scheduler_config.json: {e}")))?;
         let parse =
             |key: &str, default: &str| -> candle_core::Result<String> { r.str(key, default) };
-        Ok(Self {
-            class_name,
-            schedule,
-            prediction: parse("prediction_type", "epsilon")?
-                .parse()
-                .map_err(|e: String| msg(format!("scheduler_config.json: {e}")))?,
-            clip_sample: r.bool("clip_sample", true)?,
-            clip_sample_range: r.f64("clip_sample_range", 1.0)?,
-            variance_type: parse("variance_type", "fixed_small")?
-                .parse()
-                .map_err(|e: String| msg(format!("scheduler_config.json: {e}")))?,
-            set_alpha_to_one: r.bool("set_alpha_to_one", true)?,
-            steps_offset: r.usize("steps_offset", 0)?,
-            timestep_spacing: parse("timestep_spacing", "leading")?
-                .parse()
-                .map_err(|e: String| msg(format!("scheduler_config.json: {e}")))?,
-        })
+        Ok((
+            Self {
+                class_name,
+                schedule,
+                prediction: parse("prediction_type", "epsilon")?
+                    .parse()
+                    .map_err(|e: String| msg(format!("scheduler_config.json: {e}")))?,
+                clip_sample: r.bool("clip_sample", true)?,
+                clip_sample_range: r.f64("clip_sample_range", 1.0)?,
+                variance_type: parse("variance_type", "fixed_small")?
+                    .parse()
+                    .map_err(|e: String| msg(format!("scheduler_config.json: {e}")))?,
+                set_alpha_to_one: r.bool("set_alpha_to_one", true)?,
+                steps_offset: r.usize("steps_offset", 0)?,
+                timestep_spacing: parse("timestep_spacing", "leading")?
+                    .parse()
+                    .map_err(|e: String| msg(format!("scheduler_config.json: {e}")))?,
+            },
+            warnings,
+        ))
     }
 
     /// The DDPM settings from this config, taking `num_inference_steps` (all `T` when `None`).

@@ -135,6 +135,17 @@ impl UnetConfig {
     /// Keys starting with `_` other than `_class_name` are metadata; any other unknown key is
     /// an error naming it.
     pub fn from_json(text: &str) -> candle_core::Result<Self> {
+        Self::parse(text, false).map(|(c, _)| c)
+    }
+
+    /// [`UnetConfig::from_json`], but a key it does not know (one a newer diffusers added) is
+    /// left out with a warning, as diffusers itself does; the warnings come back, one line
+    /// each. Unsupported values of known keys are still errors.
+    pub fn from_json_lenient(text: &str) -> candle_core::Result<(Self, Vec<String>)> {
+        Self::parse(text, true)
+    }
+
+    fn parse(text: &str, lenient: bool) -> candle_core::Result<(Self, Vec<String>)> {
         let value: Value =
             serde_json::from_str(text).map_err(|e| msg(format!("config.json: {e}")))?;
         let Value::Object(mut map) = value else {
@@ -150,13 +161,34 @@ impl UnetConfig {
             }
         };
         map.retain(|k, _| !k.starts_with('_'));
+        let mut warnings = Vec::new();
+        if lenient {
+            let preset = match class.as_str() {
+                "SimpleUnet" => Some(Self::preset("seed-tiny")?),
+                "UNet2DModel" => Some(Self::preset("mnist-16")?),
+                _ => None,
+            };
+            if let Some(Value::Object(known)) = preset.map(|p| p.to_value()) {
+                map.retain(|k, _| {
+                    let keep = known.contains_key(k);
+                    if !keep {
+                        warnings.push(format!(
+                            "config.json: unknown {class} key {k:?} ignored (this library reads diffusers {DIFFUSERS_VERSION}'s keys)"
+                        ));
+                    }
+                    keep
+                });
+            }
+        }
         let parse_err = |e: serde_json::Error| msg(format!("{class} config.json: {e}"));
         match class.as_str() {
-            "UNet2DModel" => Ok(Self::Unet2d(
-                serde_json::from_value(Value::Object(map)).map_err(parse_err)?,
+            "UNet2DModel" => Ok((
+                Self::Unet2d(serde_json::from_value(Value::Object(map)).map_err(parse_err)?),
+                warnings,
             )),
-            "SimpleUnet" => Ok(Self::Simple(
-                serde_json::from_value(Value::Object(map)).map_err(parse_err)?,
+            "SimpleUnet" => Ok((
+                Self::Simple(serde_json::from_value(Value::Object(map)).map_err(parse_err)?),
+                warnings,
             )),
             other => Err(msg(format!(
                 "config.json: model class {other:?} is not supported (UNet2DModel or SimpleUnet)"

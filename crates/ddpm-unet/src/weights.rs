@@ -67,12 +67,21 @@ impl SimpleBackend for Checked {
         let t = self.tensors.get(name).ok_or_else(|| {
             candle_core::Error::Msg(format!("tensor {name} is missing from the checkpoint"))
         })?;
-        if t.dtype() != dtype {
+        // Half-precision weights (`*.fp16.safetensors`, bf16 checkpoints) are widened to the
+        // model's float type, as diffusers does with `torch_dtype=torch.float32`; any other
+        // type is an error.
+        let half = matches!(t.dtype(), DType::F16 | DType::BF16);
+        let t = if t.dtype() == dtype {
+            t.clone()
+        } else if half && dtype.is_float() {
+            t.to_dtype(dtype)?
+        } else {
             candle_core::bail!(
                 "tensor {name} has dtype {:?}, the model expects {dtype:?}",
                 t.dtype()
             );
-        }
+        };
+        let t = &t;
         let bad = non_finite_count(t)?;
         if bad > 0 {
             candle_core::bail!(
@@ -105,7 +114,7 @@ pub fn non_finite_count(t: &Tensor) -> candle_core::Result<usize> {
 }
 
 /// Builds a model from named tensors, checking that every tensor the model asks for is there
-/// with the right shape and dtype (f32) and finite values, and that the checkpoint holds nothing the model does
+/// with the right shape and dtype (f32; f16 and bf16 are widened to it) and finite values, and that the checkpoint holds nothing the model does
 /// not use (PyTorch's `num_batches_tracked` counters excepted). Legacy attention names are
 /// accepted ([`rename_legacy_attention`]).
 pub fn build_checked<M>(

@@ -376,9 +376,9 @@ fn bad_checkpoints_name_the_tensor() {
     check_load_error(&config, misshaped, &["ups.0.conv1.bias", "[7]", "[32]"]);
 
     let mut wrong_dtype = good.clone();
-    let w = wrong_dtype["conv0.weight"].to_dtype(DType::F16).unwrap();
+    let w = wrong_dtype["conv0.weight"].to_dtype(DType::U8).unwrap();
     wrong_dtype.insert("conv0.weight".into(), w);
-    check_load_error(&config, wrong_dtype, &["conv0.weight", "F16", "F32"]);
+    check_load_error(&config, wrong_dtype, &["conv0.weight", "U8", "F32"]);
 
     let mut extra = good.clone();
     extra.insert(
@@ -556,4 +556,33 @@ fn parameter_counts_come_before_allocation() {
         assert!(varmap_tensors(&varmap).is_empty());
     }
     assert!(start.elapsed() < std::time::Duration::from_secs(5));
+}
+
+/// Half-precision weights (fp16 variants, bf16 checkpoints) load into the f32 model, widened
+/// exactly: the model is the one built from the same values stored in f32.
+#[test]
+fn half_precision_weights_are_widened_exactly() {
+    let (config, good) = seed_tiny_tensors();
+    let (x, t) = inputs(config.in_channels(), 16);
+    for half in [DType::F16, DType::BF16] {
+        let stored: HashMap<String, Tensor> = good
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(half).unwrap()))
+            .collect();
+        let widened: HashMap<String, Tensor> = stored
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(DType::F32).unwrap()))
+            .collect();
+        let a = Unet::from_tensors(&config, stored, &Device::Cpu).unwrap();
+        let b = Unet::from_tensors(&config, widened, &Device::Cpu).unwrap();
+        let (ya, yb) = (
+            flat(&a.forward_t(&x, &t, Mode::Eval).unwrap()),
+            flat(&b.forward_t(&x, &t, Mode::Eval).unwrap()),
+        );
+        assert_eq!(
+            ya.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            yb.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{half:?}"
+        );
+    }
 }
