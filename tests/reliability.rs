@@ -984,6 +984,34 @@ fn hostile_inputs_fail_with_one_line_and_change_nothing() {
             &["export", "ck.safetensors", "--out", "e"],
             "not a ddpm training checkpoint",
         ),
+        case(
+            "pickle random bytes",
+            vec![("w.pt", vec![5; 300])],
+            &[
+                "sample",
+                "--model",
+                "w.pt",
+                "--config",
+                "seed-tiny",
+                "--out",
+                "x.png",
+            ],
+            "not a PyTorch state_dict file",
+        ),
+        case(
+            "config for a non-pickle",
+            vec![],
+            &[
+                "sample",
+                "--model",
+                "M",
+                "--config",
+                "seed-tiny",
+                "--out",
+                "x.png",
+            ],
+            "--config is for PyTorch weights files",
+        ),
         // Data.
         case(
             "IDX bad magic",
@@ -1716,4 +1744,58 @@ fn sampling_defaults_come_from_the_model() {
             "f.safetensors"
         )
     );
+}
+
+/// PyTorch weights from the command line: a `torch.save` state_dict with --config (the seed
+/// tutorial's way of saving), and a diffusers folder that carries only
+/// diffusion_pytorch_model.bin, which samples as its safetensors twin does.
+#[test]
+fn pytorch_weights_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let unet = root().join("assets/reference/unet");
+    let pt = unet.join("seed_small/model.pt");
+    let pt = pt.to_str().unwrap();
+    let sample = |model: &str, extra: &[&str], out: &str| {
+        let mut a = vec![
+            "sample",
+            "--model",
+            model,
+            "--num",
+            "2",
+            "--steps",
+            "3",
+            "--no-progress",
+            "--out-tensor",
+            out,
+        ];
+        a.extend_from_slice(extra);
+        ddpm(dir, &a)
+    };
+    ok(&sample(
+        pt,
+        &["--config", "seed-tiny", "--size", "16"],
+        "a.safetensors",
+    ));
+    assert_eq!(
+        load(&dir.join("a.safetensors"))["samples"].dims(),
+        &[2, 1, 16, 16]
+    );
+    fails(
+        &sample(pt, &[], "x.safetensors"),
+        "give its model with --config",
+    );
+    fails(
+        &sample(
+            pt,
+            &["--config", "mnist-16", "--size", "16"],
+            "x.safetensors",
+        ),
+        "model.pt",
+    );
+    let (bin, st) = (unet.join("diffusers_tiny_bin"), unet.join("diffusers_tiny"));
+    ok(&sample(bin.to_str().unwrap(), &[], "b.safetensors"));
+    ok(&sample(st.to_str().unwrap(), &[], "c.safetensors"));
+    let t = |f: &str| flat(&load(&dir.join(f))["samples"]);
+    assert_eq!(t("b.safetensors"), t("c.safetensors"));
 }

@@ -168,8 +168,16 @@ fn ci() -> Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace"])?;
-    cargo(&["run", "-p", "ddpm-sampler", "--example", "own_model"])?;
-    cargo(&["run", "-p", "ddpm-unet", "--example", "own_training_loop"])?;
+    cargo(&["build", "--workspace", "--examples"])?;
+    for example in ["own_model", "own_training_loop"] {
+        let path = project_root().join("target/debug/examples").join(example);
+        let status = Command::new(&path)
+            .status()
+            .with_context(|| format!("running {}", path.display()))?;
+        if !status.success() {
+            bail!("example {example} failed ({status})");
+        }
+    }
     cargo(&[
         "package",
         "--workspace",

@@ -123,6 +123,18 @@ fn main() {
     }
 }
 
+/// A model config named on the command line: a preset, or a `config.json` path.
+fn model_config(name: &str) -> Result<ddpm_unet::UnetConfig> {
+    use anyhow::Context;
+    Ok(if name.ends_with(".json") {
+        let text = std::fs::read_to_string(name)
+            .with_context(|| format!("reading model config {name}"))?;
+        ddpm_unet::UnetConfig::from_json(&text).with_context(|| format!("model config {name}"))?
+    } else {
+        ddpm_unet::UnetConfig::preset(name)?
+    })
+}
+
 /// Prints a warning: one line, `warning: ...`.
 fn warn(text: impl std::fmt::Display) {
     let text = text.to_string();

@@ -38,6 +38,10 @@ pub struct SamplingArgs {
     /// Image height and width (default: the model's sample_size, else 32).
     #[arg(long)]
     pub size: Option<usize>,
+    /// For a PyTorch weights file (.bin, .pt, .pth, a `torch.save` of a state_dict) given as
+    /// --model: its model, a preset (e.g. seed) or a config.json.
+    #[arg(long)]
+    pub config: Option<String>,
     /// Use a checkpoint's raw weights instead of its EMA.
     #[arg(long)]
     pub raw: bool,
@@ -144,7 +148,20 @@ impl SamplingArgs {
     /// The model the options name.
     pub fn open(&self, device: &Device) -> Result<Pipeline> {
         let weights = if self.raw { Weights::Raw } else { Weights::Ema };
-        let pipeline = Pipeline::open(&self.model, weights, device)?;
+        let pipeline = match &self.config {
+            Some(c) if ddpm_pipeline::is_pytorch_file(&self.model) => {
+                Pipeline::from_pytorch(&self.model, crate::model_config(c)?, device)?
+            }
+            Some(_) => bail!(
+                "--config is for PyTorch weights files (.bin, .pt, .pth); {} carries its own",
+                self.model.display()
+            ),
+            None if ddpm_pipeline::is_pytorch_file(&self.model) && self.model.is_file() => bail!(
+                "{} is PyTorch weights: give its model with --config (a preset such as seed, or a config.json)",
+                self.model.display()
+            ),
+            None => Pipeline::open(&self.model, weights, device)?,
+        };
         pipeline.warnings.iter().for_each(crate::warn);
         Ok(pipeline)
     }

@@ -146,13 +146,7 @@ pub struct TrainArgs {
 pub fn resolve_config(a: &TrainArgs) -> Result<TrainConfig> {
     let mut c = TrainConfig::preset(&a.recipe)?;
     if let Some(m) = &a.model {
-        c.model = if m.ends_with(".json") {
-            let text =
-                std::fs::read_to_string(m).with_context(|| format!("reading model config {m}"))?;
-            UnetConfig::from_json(&text).with_context(|| format!("model config {m}"))?
-        } else {
-            UnetConfig::preset(m)?
-        };
+        c.model = crate::model_config(m)?;
     }
     if let Some(n) = a.classes {
         let UnetConfig::Unet2d(m) = &mut c.model else {

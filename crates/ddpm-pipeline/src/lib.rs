@@ -55,6 +55,17 @@ use ddpm_unet::{Classes, Denoiser, Guided, Unet, UnetConfig};
 /// scale to sample with) and how the model was trained.
 pub const TRAIN_CONFIG: &str = "train_config.json";
 
+/// The file name of diffusers' PyTorch weights, read where the safetensors file is absent.
+pub const PYTORCH_WEIGHTS: &str = "diffusion_pytorch_model.bin";
+
+/// Whether `path` names a PyTorch weights file by its extension (`.bin`, `.pt`, `.pth`).
+pub fn is_pytorch_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("bin" | "pt" | "pth")
+    )
+}
+
 /// Which weights of a checkpoint to take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Weights {
@@ -146,6 +157,11 @@ impl Pipeline {
                 Self::from_checkpoint(&found.path, found.checkpoint, weights, device)?;
             pipeline.warnings = skipped_warnings(&found.skipped);
             Ok(pipeline)
+        } else if is_pytorch_file(path) {
+            candle_core::bail!(
+                "{} is PyTorch weights without a config: open it with Pipeline::from_pytorch (ddpm: --config PRESET or config.json)",
+                path.display()
+            )
         } else if path.is_file() {
             let ck = Checkpoint::read(path, device)?;
             Self::from_checkpoint(path, ck, weights, device)
@@ -194,13 +210,18 @@ impl Pipeline {
         let config_path = path.join("config.json");
         let (config, mut warnings) = UnetConfig::from_json_lenient(&read(&config_path)?)
             .map_err(|e| msg(format!("{}: {e}", config_path.display())))?;
-        let weights = path.join(ddpm_unet::DIFFUSERS_WEIGHTS);
-        let unet = Unet::from_tensors(
-            &config,
-            ddpm_unet::read_safetensors(&weights, device)?,
-            device,
-        )
-        .map_err(|e| msg(format!("{}: {e}", weights.display())))?;
+        // diffusers' safetensors weights, else the PyTorch pickle many hub repos carry alone.
+        let safetensors = path.join(ddpm_unet::DIFFUSERS_WEIGHTS);
+        let pickle = path.join(PYTORCH_WEIGHTS);
+        let (weights, tensors) = if safetensors.is_file() || !pickle.is_file() {
+            let tensors = ddpm_unet::read_safetensors(&safetensors, device)?;
+            (safetensors, tensors)
+        } else {
+            let tensors = ddpm_unet::read_pytorch(&pickle, device)?;
+            (pickle, tensors)
+        };
+        let unet = Unet::from_tensors(&config, tensors, device)
+            .map_err(|e| msg(format!("{}: {e}", weights.display())))?;
         let train_path = path.join(TRAIN_CONFIG);
         let (trained_classes, guidance, trained_sampler) = if train_path.is_file() {
             let train: TrainConfig = serde_json::from_str(&read(&train_path)?)
@@ -242,6 +263,34 @@ impl Pipeline {
             trained_classes,
             guidance,
             warnings,
+        })
+    }
+
+    /// A PyTorch weights file (a `torch.save` of a `state_dict`, such as the seed tutorial's
+    /// `torch.save(model.state_dict(), ...)`) with the model `config` it belongs to. It samples
+    /// with the seed's schedule (T = 300 linear, DDPM over every step) for a `SimpleUnet`, and
+    /// diffusers' `DDPMScheduler` defaults for a `UNet2DModel`.
+    pub fn from_pytorch(
+        path: &Path,
+        config: UnetConfig,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let tensors = ddpm_unet::read_pytorch(path, device)?;
+        let unet = Unet::from_tensors(&config, tensors, device)
+            .map_err(|e| msg(format!("{}: {e}", path.display())))?;
+        let scheduler = match config {
+            UnetConfig::Simple(_) => SchedulerConfig::seed(),
+            UnetConfig::Unet2d(_) => SchedulerConfig::from_json("{}")?,
+        };
+        Ok(Self {
+            trained_classes: None,
+            guidance: 1.0,
+            default_sampler: (SamplerKind::Ddpm, None),
+            scheduler,
+            source: path.display().to_string(),
+            warnings: Vec::new(),
+            config,
+            unet,
         })
     }
 

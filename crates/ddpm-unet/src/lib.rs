@@ -58,8 +58,8 @@ pub use unet2d::{
     UpBlockType,
 };
 pub use weights::{
-    build_checked, count_parameters, init_seeded, is_buffer, non_finite_count, read_safetensors,
-    rename_legacy_attention, trainable_vars, varmap_tensors, write_safetensors,
+    build_checked, count_parameters, init_seeded, is_buffer, non_finite_count, read_pytorch,
+    read_safetensors, rename_legacy_attention, trainable_vars, varmap_tensors, write_safetensors,
 };
 
 /// The diffusers version whose `UNet2DModel` this port was checked against.

@@ -158,6 +158,54 @@ pub fn read_safetensors(
         .map_err(|e| candle_core::Error::Msg(format!("reading {}: {e}", path.display())))
 }
 
+/// Reads the tensors of a PyTorch file (`torch.save` of a `state_dict`: diffusers'
+/// `diffusion_pytorch_model.bin`, a `.pt` or `.pth`, or a checkpoint holding one under
+/// `state_dict`) with candle's pickle reader, which interprets the pickle's data without
+/// running any of its code. A file that is not such an archive, and a tensor that claims more
+/// bytes than the file holds, are errors naming the file, found before anything is allocated.
+pub fn read_pytorch(path: &Path, device: &Device) -> candle_core::Result<HashMap<String, Tensor>> {
+    let err = |e: String| candle_core::Error::Msg(format!("reading {}: {e}", path.display()));
+    let file_len = std::fs::metadata(path)
+        .map_err(|e| err(e.to_string()))?
+        .len() as u128;
+    let open = |key| {
+        candle_core::pickle::PthTensors::new(path, key)
+            .map_err(|e| err(format!("not a PyTorch state_dict file ({e})")))
+    };
+    let mut pth = open(None)?;
+    if pth.tensor_infos().is_empty() {
+        pth = open(Some("state_dict"))?;
+    }
+    if pth.tensor_infos().is_empty() {
+        return Err(err("no tensors in it (not a state_dict)".into()));
+    }
+    for (name, info) in pth.tensor_infos() {
+        let bytes = info
+            .layout
+            .dims()
+            .iter()
+            .try_fold(info.dtype.size_in_bytes() as u128, |acc, &d| {
+                acc.checked_mul(d as u128)
+            });
+        if bytes.is_none_or(|b| b > file_len) {
+            return Err(err(format!(
+                "tensor {name} claims shape {:?}, more than the file's {file_len} bytes hold",
+                info.layout.dims()
+            )));
+        }
+    }
+    let mut out = HashMap::new();
+    let names: Vec<String> = pth.tensor_infos().keys().cloned().collect();
+    for name in names {
+        let t = pth
+            .get(&name)
+            .map_err(|e| err(format!("tensor {name}: {e}")))?
+            .ok_or_else(|| err(format!("tensor {name} vanished")))?;
+        out.insert(name, t.to_device(device)?);
+    }
+    Ok(out)
+}
+
 /// The tensors of a `VarMap`, by name.
 pub fn varmap_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
     varmap

@@ -330,3 +330,103 @@ fn mnist_presets_build_and_run() {
     }
     let _ = Unet2dConfig::mnist();
 }
+
+fn bits(tensors: &HashMap<String, Tensor>) -> Vec<(String, Vec<u32>)> {
+    let mut out: Vec<(String, Vec<u32>)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            let v: Vec<f32> = t
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (k.clone(), v.iter().map(|x| x.to_bits()).collect())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Files PyTorch wrote (`scripts/reference/pytorch_fixtures.py`): `torch.save` of the seed
+/// fixture's state_dict and of diffusers_tiny's weights read through candle's pickle reader
+/// give the committed safetensors values exactly, and the models their outputs.
+#[test]
+fn pytorch_pickles_read_as_the_same_weights() {
+    let seed_pt =
+        ddpm_unet::read_pytorch(&fixture("seed_small").join("model.pt"), &Device::Cpu).unwrap();
+    let seed_st = ddpm_unet::read_safetensors(
+        &fixture("seed_small").join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(bits(&seed_pt), bits(&seed_st));
+    let config = UnetConfig::Simple(SimpleUnetConfig::with_channels(1, &[16, 32, 64]));
+    check_output(
+        "seed_small",
+        &Unet::from_tensors(&config, seed_pt, &Device::Cpu).unwrap(),
+    );
+
+    let bin = ddpm_unet::read_pytorch(
+        &fixture("diffusers_tiny_bin").join("diffusion_pytorch_model.bin"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let st = ddpm_unet::read_safetensors(
+        &fixture("diffusers_tiny").join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(bits(&bin), bits(&st));
+
+    // Not a PyTorch archive: a one-line error naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pt");
+    std::fs::write(&junk, vec![3u8; 200]).unwrap();
+    let err = ddpm_unet::read_pytorch(&junk, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("junk.pt") && err.contains("not a PyTorch"),
+        "{err}"
+    );
+}
+
+/// diffusers' fp16 and bf16 variant files (written by safetensors from PyTorch's casts) hold
+/// the f32 weights rounded as candle rounds them, and the model built from them stays within
+/// half precision of diffusers' f32 output.
+#[test]
+fn half_precision_variants_load() {
+    let dir = fixture("diffusers_tiny");
+    let config =
+        UnetConfig::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let f32s = ddpm_unet::read_safetensors(
+        &dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (variant, dtype, atol) in [("fp16", DType::F16, 2e-2f32), ("bf16", DType::BF16, 1e-1)] {
+        let half = ddpm_unet::read_safetensors(
+            &dir.join(format!("diffusion_pytorch_model.{variant}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(half.values().all(|t| t.dtype() == dtype), "{variant}");
+        let ours: HashMap<String, Tensor> = f32s
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_dtype(dtype).unwrap()))
+            .collect();
+        assert_eq!(
+            bits(&half),
+            bits(&ours),
+            "{variant}: rounding differs from PyTorch's"
+        );
+        let unet = Unet::from_tensors(&config, half, &Device::Cpu).unwrap();
+        let io = io("diffusers_tiny");
+        let out = unet
+            .forward_t(&io["sample"], &io["timesteps"], Mode::Eval)
+            .unwrap();
+        assert_close(variant, &flat(&out), &flat(&io["output"]), atol, 0.0);
+    }
+}
