@@ -497,57 +497,6 @@ fn serve_hub(files: HashMap<String, Vec<u8>>) -> String {
     format!("http://{addr}")
 }
 
-/// A parquet file of digits laid out as the hub's `ylecun/mnist` (image struct, int64 label).
-fn mnist_parquet(n: usize) -> Vec<u8> {
-    use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
-    use parquet::file::writer::SerializedFileWriter;
-    let digits = ddpm_data::ImageSet::embedded_mnist().unwrap().take(n);
-    let pngs: Vec<ByteArray> = (0..n)
-        .map(|i| {
-            let img = image::GrayImage::from_raw(28, 28, digits.image(i).to_vec()).unwrap();
-            let mut buf = std::io::Cursor::new(Vec::new());
-            image::DynamicImage::ImageLuma8(img)
-                .write_to(&mut buf, image::ImageFormat::Png)
-                .unwrap();
-            ByteArray::from(buf.into_inner())
-        })
-        .collect();
-    let labels: Vec<i64> = digits.labels().unwrap().iter().map(|&l| l as i64).collect();
-    let schema = parquet::schema::parser::parse_message_type(
-        "message schema { optional group image { optional binary bytes; optional binary path (UTF8); } optional int64 label; }",
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    {
-        let mut writer =
-            SerializedFileWriter::new(&mut out, std::sync::Arc::new(schema), Default::default())
-                .unwrap();
-        let mut rg = writer.next_row_group().unwrap();
-        let mut i = 0;
-        while let Some(mut col) = rg.next_column().unwrap() {
-            match i {
-                0 => col
-                    .typed::<ByteArrayType>()
-                    .write_batch(&pngs, Some(&vec![2; n]), None)
-                    .unwrap(),
-                1 => col
-                    .typed::<ByteArrayType>()
-                    .write_batch(&[], Some(&vec![1; n]), None)
-                    .unwrap(),
-                _ => col
-                    .typed::<Int64Type>()
-                    .write_batch(&labels, Some(&vec![1; n]), None)
-                    .unwrap(),
-            };
-            col.close().unwrap();
-            i += 1;
-        }
-        rg.close().unwrap();
-        writer.close().unwrap();
-    }
-    out
-}
-
 #[test]
 fn dataset_download_from_a_local_hub_then_train_offline() {
     let tmp = tempfile::tempdir().unwrap();

@@ -1799,3 +1799,68 @@ fn pytorch_weights_sample() {
     let t = |f: &str| flat(&load(&dir.join(f))["samples"]);
     assert_eq!(t("b.safetensors"), t("c.safetensors"));
 }
+
+/// Unusual but valid pictures in an image folder are converted, not refused: 16-bit gray and
+/// RGB, gray with alpha, RGBA, and a JPEG; the model trains on them.
+#[test]
+fn unusual_valid_images_are_converted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    let (w, h) = (20u32, 24u32);
+    let v = |x: u32, y: u32| ((x * 13 + y * 7) % 256) as u16;
+    let pictures: Vec<(&str, image::DynamicImage)> = vec![
+        (
+            "gray16.png",
+            image::DynamicImage::ImageLuma16(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::Luma([v(x, y) * 257])
+            })),
+        ),
+        (
+            "rgb16.png",
+            image::DynamicImage::ImageRgb16(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::Rgb([v(x, y) * 257, 0, 65535])
+            })),
+        ),
+        (
+            "gray_alpha.png",
+            image::DynamicImage::ImageLumaA8(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::LumaA([v(x, y) as u8, 128])
+            })),
+        ),
+        (
+            "rgba.png",
+            image::DynamicImage::ImageRgba8(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::Rgba([v(x, y) as u8, 9, 200, 30])
+            })),
+        ),
+        (
+            "photo.jpg",
+            image::DynamicImage::ImageRgb8(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::Rgb([v(x, y) as u8, 50, 100])
+            })),
+        ),
+    ];
+    for (name, img) in &pictures {
+        img.save(imgs.join(name)).unwrap();
+    }
+    let stdout = ok(&ddpm(
+        dir,
+        &[
+            "train",
+            "--data",
+            "imgs",
+            "--recipe",
+            "tiny",
+            "--image-size",
+            "16",
+            "--steps",
+            "1",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
+    ));
+    assert!(stdout.contains("5 images of 1x16x16"), "{stdout}");
+}
