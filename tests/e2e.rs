@@ -750,3 +750,76 @@ fn class_folders_train_with_classes() {
     fails(&ddpm(dir, &args), "--classes must be at least 1, got 0");
     assert!(!dir.join("small").exists() && !dir.join("simple").exists());
 }
+
+/// diffusers' own layouts: a DDPMPipeline folder written by `save_pretrained`
+/// (`scripts/reference/pipeline_fixtures.py`) samples as its model folder with its scheduler;
+/// `--subfolder unet` opens the same model; `--variant fp16` reads the half-precision file,
+/// and a missing variant is an error naming the files looked for.
+#[test]
+fn diffusers_pipeline_folders_subfolders_and_variants() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let unet = root().join("assets/reference/unet");
+    let pipeline = unet.join("ddpm_pipeline_tiny");
+    let pipeline = pipeline.to_str().unwrap();
+    let tiny = unet.join("diffusers_tiny");
+    let tiny = tiny.to_str().unwrap();
+    let sample = |model: &str, extra: &[&str], out: &str| {
+        let mut a = vec![
+            "sample",
+            "--model",
+            model,
+            "--num",
+            "2",
+            "--steps",
+            "4",
+            "--no-progress",
+            "--out-tensor",
+            out,
+        ];
+        a.extend_from_slice(extra);
+        ddpm(dir, &a)
+    };
+    // The pipeline's scheduler clips x0 like the default DDPMScheduler the bare model folder
+    // gets; both default to DDPM (as DDPMPipeline does).
+    let out = sample(pipeline, &[], "a.safetensors");
+    ok(&out);
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok(&sample(tiny, &[], "b.safetensors"));
+    ok(&sample(pipeline, &["--subfolder", "unet"], "c.safetensors"));
+    ok(&sample(tiny, &["--sampler", "ddpm"], "d.safetensors"));
+    let t = |f: &str| flat(&load(&dir.join(f))["samples"]);
+    assert_eq!(t("a.safetensors"), t("b.safetensors"));
+    assert_eq!(t("a.safetensors"), t("c.safetensors"));
+    assert_eq!(t("a.safetensors"), t("d.safetensors"));
+    // fp16 weights: close to the f32 model's samples, not the same bits.
+    ok(&sample(tiny, &["--variant", "fp16"], "e.safetensors"));
+    let (a, e) = (t("a.safetensors"), t("e.safetensors"));
+    assert_ne!(a, e);
+    let worst = a
+        .iter()
+        .zip(&e)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 0.1, "fp16 samples differ by {worst}");
+    fails(
+        &sample(tiny, &["--variant", "int3"], "x.safetensors"),
+        "diffusion_pytorch_model.int3.safetensors",
+    );
+    // A pipeline this library does not sample is named.
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(
+        other.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}"#,
+    )
+    .unwrap();
+    fails(
+        &sample("other", &[], "x.safetensors"),
+        "\"StableDiffusionPipeline\" is not supported",
+    );
+}

@@ -42,6 +42,13 @@ pub struct SamplingArgs {
     /// --model: its model, a preset (e.g. seed) or a config.json.
     #[arg(long)]
     pub config: Option<String>,
+    /// A weights variant of a model folder: `fp16` reads
+    /// diffusion_pytorch_model.fp16.safetensors.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// The folder inside --model that holds the model (as diffusers' `subfolder`, e.g. unet).
+    #[arg(long)]
+    pub subfolder: Option<String>,
     /// Use a checkpoint's raw weights instead of its EMA.
     #[arg(long)]
     pub raw: bool,
@@ -160,7 +167,14 @@ impl SamplingArgs {
                 "{} is PyTorch weights: give its model with --config (a preset such as seed, or a config.json)",
                 self.model.display()
             ),
-            None => Pipeline::open(&self.model, weights, device)?,
+            None => {
+                let open = ddpm_pipeline::Open {
+                    weights,
+                    variant: self.variant.clone(),
+                    subfolder: self.subfolder.clone(),
+                };
+                Pipeline::open_with(&self.model, &open, device)?
+            }
         };
         pipeline.warnings.iter().for_each(crate::warn);
         Ok(pipeline)

@@ -66,6 +66,33 @@ pub fn is_pytorch_file(path: &Path) -> bool {
     )
 }
 
+/// A diffusers pipeline folder's index file.
+pub const MODEL_INDEX: &str = "model_index.json";
+
+/// How [`Pipeline::open_with`] opens a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Open {
+    /// A checkpoint's EMA or raw weights.
+    pub weights: Weights,
+    /// A weights variant of a model folder: `fp16` reads
+    /// `diffusion_pytorch_model.fp16.safetensors` (or `.bin`).
+    pub variant: Option<String>,
+    /// The folder inside the given one that holds the model (diffusers' `subfolder`, such as
+    /// `unet`); its scheduler is taken from `scheduler/` beside it where there is one.
+    pub subfolder: Option<String>,
+}
+
+impl Open {
+    /// `weights`, no variant, no subfolder.
+    pub fn new(weights: Weights) -> Self {
+        Self {
+            weights,
+            variant: None,
+            subfolder: None,
+        }
+    }
+}
+
 /// Which weights of a checkpoint to take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Weights {
@@ -148,6 +175,16 @@ impl Pipeline {
     /// diffusers' `DDPMScheduler` defaults; and [`TRAIN_CONFIG`] if present). Checkpoints give
     /// the `weights` asked for; a model folder has only one set.
     pub fn open(path: &Path, weights: Weights, device: &Device) -> candle_core::Result<Self> {
+        Self::open_with(path, &Open::new(weights), device)
+    }
+
+    /// [`Pipeline::open`] with diffusers' loading options: a weights `variant`
+    /// (`diffusion_pytorch_model.fp16.safetensors`) and a `subfolder` holding the model.
+    /// A diffusers pipeline folder (`model_index.json` naming a `DDPMPipeline` or
+    /// `DDIMPipeline`, the model in `unet/`, the scheduler in `scheduler/`) opens as its model
+    /// with its scheduler, sampling by default as that pipeline does.
+    pub fn open_with(path: &Path, open: &Open, device: &Device) -> candle_core::Result<Self> {
+        let weights = open.weights;
         if !path.exists() {
             candle_core::bail!("{} does not exist", path.display());
         }
@@ -165,9 +202,58 @@ impl Pipeline {
         } else if path.is_file() {
             let ck = Checkpoint::read(path, device)?;
             Self::from_checkpoint(path, ck, weights, device)
+        } else if let Some(sub) = &open.subfolder {
+            let scheduler = path.join("scheduler").join("scheduler_config.json");
+            let scheduler = scheduler.is_file().then_some(scheduler);
+            Self::from_folder(&path.join(sub), scheduler, None, open, device)
+        } else if path.join(MODEL_INDEX).is_file() {
+            Self::from_pipeline_folder(path, open, device)
         } else {
-            Self::from_folder(path, device)
+            Self::from_folder(path, None, None, open, device)
         }
+    }
+
+    /// A diffusers pipeline folder: `model_index.json`, `unet/`, `scheduler/`.
+    fn from_pipeline_folder(
+        path: &Path,
+        open: &Open,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let index_path = path.join(MODEL_INDEX);
+        let index: serde_json::Value = serde_json::from_str(&read(&index_path)?)
+            .map_err(|e| msg(format!("{}: {e}", index_path.display())))?;
+        let class = index["_class_name"].as_str().unwrap_or_default();
+        let kind = match class {
+            "DDPMPipeline" => (SamplerKind::Ddpm, None),
+            "DDIMPipeline" => (SamplerKind::Ddim, Some(50)),
+            other => candle_core::bail!(
+                "{}: pipeline {other:?} is not supported (DDPMPipeline or DDIMPipeline)",
+                index_path.display()
+            ),
+        };
+        for (part, want) in [("unet", "UNet2DModel"), ("scheduler", "")] {
+            let entry = &index[part];
+            let named = entry.get(1).and_then(|v| v.as_str());
+            if named.is_none() || (!want.is_empty() && named != Some(want)) {
+                candle_core::bail!(
+                    "{}: {part} is {entry}, expected [\"diffusers\", \"{}\"]",
+                    index_path.display(),
+                    if want.is_empty() {
+                        "DDPMScheduler"
+                    } else {
+                        want
+                    }
+                );
+            }
+        }
+        let scheduler = path.join("scheduler").join("scheduler_config.json");
+        Self::from_folder(
+            &path.join("unet"),
+            Some(scheduler),
+            Some(kind),
+            open,
+            device,
+        )
     }
 
     fn from_checkpoint(
@@ -199,7 +285,15 @@ impl Pipeline {
         })
     }
 
-    fn from_folder(path: &Path, device: &Device) -> candle_core::Result<Self> {
+    /// A model folder, its scheduler config at `scheduler_path` (default: beside it), sampling
+    /// by default with `pipeline_sampler` where a pipeline says.
+    fn from_folder(
+        path: &Path,
+        scheduler_path: Option<PathBuf>,
+        pipeline_sampler: Option<(SamplerKind, Option<usize>)>,
+        open: &Open,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         if !path.join("config.json").is_file() {
             candle_core::bail!(
                 "{} is neither a run folder (with checkpoints/), a checkpoint file, nor a model folder (with config.json)",
@@ -211,8 +305,25 @@ impl Pipeline {
         let (config, mut warnings) = UnetConfig::from_json_lenient(&read(&config_path)?)
             .map_err(|e| msg(format!("{}: {e}", config_path.display())))?;
         // diffusers' safetensors weights, else the PyTorch pickle many hub repos carry alone.
-        let safetensors = path.join(ddpm_unet::DIFFUSERS_WEIGHTS);
-        let pickle = path.join(PYTORCH_WEIGHTS);
+        let (safetensors, pickle) = match &open.variant {
+            None => (
+                path.join(ddpm_unet::DIFFUSERS_WEIGHTS),
+                path.join(PYTORCH_WEIGHTS),
+            ),
+            Some(v) => (
+                path.join(format!("diffusion_pytorch_model.{v}.safetensors")),
+                path.join(format!("diffusion_pytorch_model.{v}.bin")),
+            ),
+        };
+        if open.variant.is_some() && !safetensors.is_file() && !pickle.is_file() {
+            candle_core::bail!(
+                "{} has no {} weights: neither {} nor {}",
+                path.display(),
+                open.variant.as_deref().unwrap_or_default(),
+                safetensors.display(),
+                pickle.display()
+            );
+        }
         let (weights, tensors) = if safetensors.is_file() || !pickle.is_file() {
             let tensors = ddpm_unet::read_safetensors(&safetensors, device)?;
             (safetensors, tensors)
@@ -241,7 +352,7 @@ impl Pipeline {
         } else {
             (None, 1.0, None)
         };
-        let scheduler_path = path.join("scheduler_config.json");
+        let scheduler_path = scheduler_path.unwrap_or_else(|| path.join("scheduler_config.json"));
         let scheduler = if scheduler_path.is_file() {
             let (scheduler, more) = SchedulerConfig::from_json_lenient(&read(&scheduler_path)?)
                 .map_err(|e| msg(format!("{}: {e}", scheduler_path.display())))?;
@@ -250,10 +361,13 @@ impl Pipeline {
         } else {
             SchedulerConfig::from_json("{}")?
         };
-        let default_sampler = trained_sampler.unwrap_or(match scheduler.class_name.as_str() {
-            "DDIMScheduler" => (SamplerKind::Ddim, Some(50)),
-            _ => (SamplerKind::Ddpm, None),
-        });
+        let default_sampler =
+            trained_sampler
+                .or(pipeline_sampler)
+                .unwrap_or(match scheduler.class_name.as_str() {
+                    "DDIMScheduler" => (SamplerKind::Ddim, Some(50)),
+                    _ => (SamplerKind::Ddpm, None),
+                });
         Ok(Self {
             config,
             unet,
