@@ -8,7 +8,7 @@ use candle_core::Device;
 use clap::{Args, ValueEnum};
 use ddpm_forward::Prediction;
 use ddpm_schedule::ScheduleConfig;
-use ddpm_trainer::{LOCK_FILE, Loss, LrSchedule, RunLock, RunPaths, TrainConfig, Trainer};
+use ddpm_trainer::{LOCK_FILE, Loss, LrSchedule, RunLock, TrainConfig, Trainer};
 use ddpm_unet::UnetConfig;
 
 use crate::data::DataArgs;
@@ -273,13 +273,13 @@ pub fn run(a: TrainArgs, given: &[String], device: &Device) -> Result<()> {
     }
     // An existing folder is locked before it is looked at, so two writers never share it; a
     // new one is created (and locked) only once every argument has been checked.
-    let mut lock = if out.is_dir() {
+    let lock = if out.is_dir() {
         Some(RunLock::acquire(out)?)
     } else {
         None
     };
     let exists = holds_a_run(out)?;
-    let trainer = if a.resume {
+    let mut trainer = if a.resume {
         if !exists {
             bail!("--resume: {} holds no run to continue", out.display());
         }
@@ -289,15 +289,8 @@ pub fn run(a: TrainArgs, given: &[String], device: &Device) -> Result<()> {
                 bad.replace('_', "-")
             );
         }
-        let found = RunPaths::new(out).newest_good_checkpoint(&Device::Cpu)?;
-        for (path, why) in &found.skipped {
-            crate::warn(format_args!(
-                "skipping checkpoint {}: {}",
-                path.display(),
-                crate::report::one_line(&anyhow::Error::msg(why.to_string()))
-            ));
-        }
-        let ck = &found.checkpoint;
+        let (path, ck, warnings) = ddpm_pipeline::latest_checkpoint(out)?;
+        warnings.iter().for_each(crate::warn);
         let size = ck.config.model.sample_size().unwrap_or(32);
         let (set, what) = a.data.load(size, ck.config.model.in_channels())?;
         if what != ck.dataset {
@@ -306,14 +299,14 @@ pub fn run(a: TrainArgs, given: &[String], device: &Device) -> Result<()> {
                 ck.dataset
             );
         }
-        let trainer = Trainer::resume_from(ck, &found.path, Arc::new(set), device, a.steps)?;
+        let trainer = Trainer::resume_from(&ck, &path, Arc::new(set), device, a.steps)?;
         println!(
             "resuming {} at step {} of {}",
-            found.path.display(),
+            path.display(),
             trainer.step(),
             trainer.config().steps
         );
-        Some(trainer)
+        trainer
     } else {
         if exists && !a.force {
             bail!(
@@ -342,15 +335,16 @@ pub fn run(a: TrainArgs, given: &[String], device: &Device) -> Result<()> {
             set.height(),
             set.width()
         );
-        Some(Trainer::new(config, Arc::new(set), &what, device)?)
+        Trainer::new(config, Arc::new(set), &what, device)?
     };
-    let mut trainer = trainer.expect("built above");
-    if lock.is_none() {
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("cannot create run folder {}", out.display()))?;
-        lock = Some(RunLock::acquire(out)?);
-    }
-    let lock = lock.expect("taken above");
+    let lock = match lock {
+        Some(lock) => lock,
+        None => {
+            std::fs::create_dir_all(out)
+                .with_context(|| format!("cannot create run folder {}", out.display()))?;
+            RunLock::acquire(out)?
+        }
+    };
     lock.claim()?;
     let summary = ddpm_trainer::run_locked(&mut trainer, &lock, !a.no_progress)?;
     println!(

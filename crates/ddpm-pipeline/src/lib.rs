@@ -129,8 +129,9 @@ pub struct Pipeline {
     pub guidance: f64,
     /// The sampler and steps it samples with unless told: a run's own (the ones its grids and
     /// quality report used, also from an exported folder's train_config.json), else what the
-    /// folder's `scheduler_config.json` names (`DDPMScheduler`: DDPM over every training
-    /// step, as diffusers' `DDPMPipeline`; `DDIMScheduler`: DDIM over 50, as `DDIMPipeline`).
+    /// pipeline or the folder's `scheduler_config.json` names (`DDPMScheduler`: DDPM over every
+    /// training step, as diffusers' `DDPMPipeline`; `DDIMScheduler`: DDIM over 50, as
+    /// `DDIMPipeline`). `None` steps are the kind's [`SamplerKind::default_steps`].
     pub default_sampler: (SamplerKind, Option<usize>),
     /// What the caller should tell the user: newer checkpoints of a run that could not be
     /// read and were passed over, one line each.
@@ -225,7 +226,7 @@ impl Pipeline {
         let class = index["_class_name"].as_str().unwrap_or_default();
         let kind = match class {
             "DDPMPipeline" => (SamplerKind::Ddpm, None),
-            "DDIMPipeline" => (SamplerKind::Ddim, Some(50)),
+            "DDIMPipeline" => (SamplerKind::Ddim, None),
             other => candle_core::bail!(
                 "{}: pipeline {other:?} is not supported (DDPMPipeline or DDIMPipeline)",
                 index_path.display()
@@ -365,7 +366,7 @@ impl Pipeline {
             trained_sampler
                 .or(pipeline_sampler)
                 .unwrap_or(match scheduler.class_name.as_str() {
-                    "DDIMScheduler" => (SamplerKind::Ddim, Some(50)),
+                    "DDIMScheduler" => (SamplerKind::Ddim, None),
                     _ => (SamplerKind::Ddpm, None),
                 });
         Ok(Self {

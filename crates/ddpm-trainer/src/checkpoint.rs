@@ -182,7 +182,6 @@ impl Trainer {
             adam_v: v,
             ..
         } = ck.clone();
-        let ck = ck.clone();
         let mut trainer = Trainer::new(config, data, &ck.dataset, device)?;
         // Every tensor the model has must be in the checkpoint with its shape (checked load).
         ddpm_unet::Unet::from_tensors(&trainer.config.model, model.clone(), device)
