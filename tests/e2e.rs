@@ -765,20 +765,7 @@ fn diffusers_pipeline_folders_subfolders_and_variants() {
     let tiny = unet.join("diffusers_tiny");
     let tiny = tiny.to_str().unwrap();
     let sample = |model: &str, extra: &[&str], out: &str| {
-        let mut a = vec![
-            "sample",
-            "--model",
-            model,
-            "--num",
-            "2",
-            "--steps",
-            "4",
-            "--no-progress",
-            "--out-tensor",
-            out,
-        ];
-        a.extend_from_slice(extra);
-        ddpm(dir, &a)
+        sample_two(dir, model, out, &[&["--steps", "4"], extra].concat())
     };
     // The pipeline's scheduler clips x0 like the default DDPMScheduler the bare model folder
     // gets; both default to DDPM (as DDPMPipeline does).
@@ -792,13 +779,12 @@ fn diffusers_pipeline_folders_subfolders_and_variants() {
     ok(&sample(tiny, &[], "b.safetensors"));
     ok(&sample(pipeline, &["--subfolder", "unet"], "c.safetensors"));
     ok(&sample(tiny, &["--sampler", "ddpm"], "d.safetensors"));
-    let t = |f: &str| flat(&load(&dir.join(f))["samples"]);
-    assert_eq!(t("a.safetensors"), t("b.safetensors"));
-    assert_eq!(t("a.safetensors"), t("c.safetensors"));
-    assert_eq!(t("a.safetensors"), t("d.safetensors"));
+    assert_eq!(samples(dir, "a.safetensors"), samples(dir, "b.safetensors"));
+    assert_eq!(samples(dir, "a.safetensors"), samples(dir, "c.safetensors"));
+    assert_eq!(samples(dir, "a.safetensors"), samples(dir, "d.safetensors"));
     // fp16 weights: close to the f32 model's samples, not the same bits.
     ok(&sample(tiny, &["--variant", "fp16"], "e.safetensors"));
-    let (a, e) = (t("a.safetensors"), t("e.safetensors"));
+    let (a, e) = (samples(dir, "a.safetensors"), samples(dir, "e.safetensors"));
     assert_ne!(a, e);
     let worst = a
         .iter()

@@ -15,6 +15,14 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 use cli::*;
 
+/// A one-to-few-step run of the crash test's tiny recipe into `dir/run`, with `extra` options.
+fn train_tiny(dir: &Path, steps: u64, extra: &[&str]) {
+    let mut args = crash::train_args(steps, 3);
+    args.extend(["--out", "run"].iter().chain(extra).map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&ddpm(dir, &args));
+}
+
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ddpm"))
 }
@@ -237,10 +245,7 @@ fn a_second_writer_fails_at_once_and_a_killed_writer_never_blocks() {
 fn a_damaged_checkpoint_is_skipped_with_a_warning() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut args = crash::train_args(3, 3);
-    args.extend(["--out".into(), "run".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&ddpm(dir, &args));
+    train_tiny(dir, 3, &[]);
     let newest = dir.join("run/checkpoints/step-00000003.safetensors");
     let mut bytes = std::fs::read(&newest).unwrap();
     let at = bytes.len() - 1000;
@@ -302,10 +307,7 @@ fn a_damaged_checkpoint_is_skipped_with_a_warning() {
 fn resume_refuses_options_that_would_change_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut args = crash::train_args(2, 3);
-    args.extend(["--out".into(), "run".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&ddpm(dir, &args));
+    train_tiny(dir, 2, &[]);
     let before = snapshot(&dir.join("run"));
     for (option, value) in [
         ("--model", "mnist-16"),
@@ -337,10 +339,7 @@ fn resume_refuses_options_that_would_change_the_run() {
 fn pictures_take_their_format_from_the_extension() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut args = crash::train_args(1, 3);
-    args.extend(["--out".into(), "run".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&ddpm(dir, &args));
+    train_tiny(dir, 1, &[]);
     let sample = |out: &str| {
         ddpm(
             dir,
@@ -388,10 +387,7 @@ fn pictures_take_their_format_from_the_extension() {
 fn non_finite_weights_and_predictions_are_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut args = crash::train_args(1, 3);
-    args.extend(["--out".into(), "run".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&ddpm(dir, &args));
+    train_tiny(dir, 1, &[]);
     ok(&ddpm(dir, &["export", "run"]));
     let weights = dir.join("run/export/diffusion_pytorch_model.safetensors");
     let tensors = load(&weights);
@@ -519,10 +515,7 @@ fn case(
 fn hostile_inputs_fail_with_one_line_and_change_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mut args = crash::train_args(1, 3);
-    args.extend(["--out".into(), "run".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&ddpm(root, &args));
+    train_tiny(root, 1, &[]);
     ok(&ddpm(root, &["export", "run", "--out", "model"]));
     let model = root.join("model");
     let read = |name: &str| std::fs::read(model.join(name)).unwrap();
@@ -1630,28 +1623,9 @@ fn other_model_train_config(train_config: &[u8]) -> Vec<u8> {
 fn unknown_config_keys_are_warnings() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut args = crash::train_args(1, 3);
-    args.extend(["--out".into(), "run".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&ddpm(dir, &args));
+    train_tiny(dir, 1, &[]);
     ok(&ddpm(dir, &["export", "run", "--out", "m"]));
-    let sample = |out: &str| {
-        ddpm(
-            dir,
-            &[
-                "sample",
-                "--model",
-                "m",
-                "--num",
-                "2",
-                "--steps",
-                "3",
-                "--out-tensor",
-                out,
-                "--no-progress",
-            ],
-        )
-    };
+    let sample = |out: &str| sample_two(dir, "m", out, &["--steps", "3"]);
     ok(&sample("a.safetensors"));
     for (file, key) in [
         ("config.json", "frobnicate"),
@@ -1678,8 +1652,7 @@ fn unknown_config_keys_are_warnings() {
         ),
         "{stderr}"
     );
-    let t = |f: &str| flat(&load(&dir.join(f))["samples"]);
-    assert_eq!(t("a.safetensors"), t("b.safetensors"));
+    assert_eq!(samples(dir, "a.safetensors"), samples(dir, "b.safetensors"));
 }
 
 /// Without --sampler and --steps, a model samples as it was meant to: a run (and its export,
@@ -1689,31 +1662,11 @@ fn unknown_config_keys_are_warnings() {
 fn sampling_defaults_come_from_the_model() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut args = crash::train_args(1, 3);
-    args.extend([
-        "--out".into(),
-        "run".into(),
-        "--sampler".into(),
-        "ddpm".into(),
-    ]);
-    args.extend(["--sample-steps".into(), "7".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&ddpm(dir, &args));
+    train_tiny(dir, 1, &["--sampler", "ddpm", "--sample-steps", "7"]);
     ok(&ddpm(dir, &["export", "run", "--out", "m"]));
     let sample = |model: &str, extra: &[&str], out: &str| {
-        let mut a = vec![
-            "sample",
-            "--model",
-            model,
-            "--num",
-            "2",
-            "--no-progress",
-            "--out-tensor",
-            out,
-        ];
-        a.extend_from_slice(extra);
-        ok(&ddpm(dir, &a));
-        flat(&load(&dir.join(out))["samples"])
+        ok(&sample_two(dir, model, out, extra));
+        samples(dir, out)
     };
     let own = sample("run", &[], "a.safetensors");
     assert_eq!(
@@ -1757,20 +1710,7 @@ fn pytorch_weights_sample() {
     let pt = unet.join("seed_small/model.pt");
     let pt = pt.to_str().unwrap();
     let sample = |model: &str, extra: &[&str], out: &str| {
-        let mut a = vec![
-            "sample",
-            "--model",
-            model,
-            "--num",
-            "2",
-            "--steps",
-            "3",
-            "--no-progress",
-            "--out-tensor",
-            out,
-        ];
-        a.extend_from_slice(extra);
-        ddpm(dir, &a)
+        sample_two(dir, model, out, &[&["--steps", "3"], extra].concat())
     };
     ok(&sample(
         pt,
@@ -1796,8 +1736,7 @@ fn pytorch_weights_sample() {
     let (bin, st) = (unet.join("diffusers_tiny_bin"), unet.join("diffusers_tiny"));
     ok(&sample(bin.to_str().unwrap(), &[], "b.safetensors"));
     ok(&sample(st.to_str().unwrap(), &[], "c.safetensors"));
-    let t = |f: &str| flat(&load(&dir.join(f))["samples"]);
-    assert_eq!(t("b.safetensors"), t("c.safetensors"));
+    assert_eq!(samples(dir, "b.safetensors"), samples(dir, "c.safetensors"));
 }
 
 /// Unusual but valid pictures in an image folder are converted, not refused: 16-bit gray and

@@ -78,6 +78,27 @@ pub fn load(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
+/// `ddpm sample --model MODEL --num 2 --no-progress --out-tensor OUT EXTRA...` in `dir`.
+pub fn sample_two(dir: &Path, model: &str, out: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "sample",
+        "--model",
+        model,
+        "--num",
+        "2",
+        "--no-progress",
+        "--out-tensor",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    ddpm(dir, &args)
+}
+
+/// The `samples` tensor `ddpm sample --out-tensor FILE` wrote under `dir`, flattened.
+pub fn samples(dir: &Path, file: &str) -> Vec<f32> {
+    flat(&load(&dir.join(file))["samples"])
+}
+
 pub fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
