@@ -55,6 +55,12 @@ pub fn fails(out: &Output, needle: &str) {
         "error {:?} should contain {needle:?}",
         lines[0]
     );
+    assert!(!has_backtrace(lines[0]), "a backtrace in {:?}", lines[0]);
+}
+
+/// Whether `text` holds frames of a captured backtrace (the ones every Rust backtrace ends in).
+pub fn has_backtrace(text: &str) -> bool {
+    text.contains("lang_start") || text.contains("rust_begin_short_backtrace")
 }
 
 /// Every file under `dir` with its bytes, to show nothing changed.

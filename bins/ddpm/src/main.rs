@@ -91,6 +91,7 @@ fn run(cli: Cli, given: Vec<String>) -> Result<()> {
 fn main() {
     alloc::keep_freed_memory();
     alloc::configure_threads();
+    no_library_backtraces();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -133,6 +134,18 @@ fn model_config(name: &str) -> Result<ddpm_unet::UnetConfig> {
     } else {
         ddpm_unet::UnetConfig::preset(name)?
     })
+}
+
+/// Turns off the backtraces that libraries capture into their errors (`RUST_LIB_BACKTRACE=0`;
+/// panics still follow `RUST_BACKTRACE`). candle captures one into every error it makes when
+/// `RUST_BACKTRACE` is set, and an error formatted into another's message (`format!("{e}")`,
+/// anywhere in any crate) would carry its frames into the one line a user sees. Call it first
+/// in `main`, before any thread starts and before any error is made.
+#[allow(unsafe_code)]
+fn no_library_backtraces() {
+    // SAFETY: called at the start of `main`, before any other thread exists that could read
+    // the environment concurrently.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") }
 }
 
 /// Prints a warning: one line, `warning: ...`.

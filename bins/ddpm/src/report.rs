@@ -1,9 +1,11 @@
 //! How errors and warnings reach the terminal: one line each, whatever `RUST_BACKTRACE` says.
 
 /// The one-line text of `e`: its chain of causes joined by `: `, each cause on one line.
-/// candle's errors carry a captured backtrace when `RUST_BACKTRACE` is set, and their context
-/// on a line of its own; both are folded here (the backtrace left out), so a user sees
-/// `error: <what>: <why>` and nothing more. `RUST_LOG=debug` logs the full chain.
+/// candle puts an error's context on a line of its own, and a backtrace where one was
+/// captured; both are folded here (a backtrace left out), so a user sees
+/// `error: <what>: <why>` and nothing more. (`main` turns library backtraces off first, since a
+/// backtrace formatted into another error's message can no longer be told apart.)
+/// `RUST_LOG=debug` logs the full chain.
 pub fn one_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
